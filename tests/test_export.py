@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ircan_serve.config import SelectionConfig
+from ircan_serve.errors import IrcanError
+from ircan_serve.export import MANIFEST, Manifest, export_checkpoint, verify_checkpoint
+from ircan_serve.models import load_model
+from ircan_serve.reweight import reweighted
+from ircan_serve.selection import Neuron, NeuronSet
+
+NEURONS = NeuronSet(
+    neurons=[Neuron(layer=1, index=5, count=3), Neuron(layer=0, index=9, count=2),
+             Neuron(layer=1, index=200, count=1)],
+    selection=SelectionConfig(num_neurons=3), n_examples=4,
+)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_exported_checkpoint_equals_in_memory_reweighting(tmp_path, tiny_model_dirs, family):
+    base = tiny_model_dirs[family]
+    out = tmp_path / "patched"
+    manifest = export_checkpoint(str(base), NEURONS, 4.0, out, base_model="tiny")
+    assert (out / MANIFEST).is_file() and manifest.beta == 4.0
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (out / name).is_file()
+
+    base_lm = load_model(str(base))
+    patched = load_model(str(out))
+    ids = base_lm.tokenizer("Context: Lyon is the capital.\nQuestion: capital?\nAnswer:", return_tensors="pt")
+    with torch.no_grad():
+        with reweighted(base_lm.model, NEURONS, 4.0):
+            expected = base_lm.model(**ids).logits
+        original = base_lm.model(**ids).logits
+        got = patched.model(**ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, original)
+
+    report = verify_checkpoint(out, base=str(base))
+    assert report.ok, report.problems
+    assert report.columns_checked == 3 and report.tensors_compared > 10
+
+
+def test_only_listed_columns_change_by_beta(tmp_path, tiny_llama_dir):
+    out = tmp_path / "p"
+    export_checkpoint(str(tiny_llama_dir), NEURONS, 0.0, out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f, \
+         safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for key in f.keys():
+            a, b = f.get_tensor(key), g.get_tensor(key)
+            if key == "model.layers.1.mlp.down_proj.weight":
+                changed = (a != b).any(dim=0).nonzero().flatten().tolist()
+                assert changed == [5, 200] and a[:, 5].abs().sum() == 0  # beta = 0 erases
+            elif key == "model.layers.0.mlp.down_proj.weight":
+                assert (a != b).any(dim=0).nonzero().flatten().tolist() == [9]
+            else:
+                assert torch.equal(a, b), key
+        assert json.loads(f.metadata()["ircan_neurons"]) == {"0": [9], "1": [5, 200]}
+
+
+def test_verify_detects_tampering(tmp_path, tiny_llama_dir):
+    out = tmp_path / "p"
+    export_checkpoint(str(tiny_llama_dir), NEURONS, 2.0, out)
+    manifest = Manifest.load(out)
+    # same bytes, wrong beta claimed: hashes pass, the column check fails
+    (out / MANIFEST).write_text(manifest.model_copy(update={"beta": 3.0}).model_dump_json())
+    report = verify_checkpoint(out, base=str(tiny_llama_dir))
+    assert not report.ok and any("not base x beta" in p for p in report.problems)
+    # a changed weight file fails the hash check
+    (out / MANIFEST).write_text(manifest.model_dump_json())
+    with (out / "model.safetensors").open("r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    assert any("sha256" in p for p in verify_checkpoint(out).problems)
+
+
+def test_existing_folder_needs_force(tmp_path, tiny_llama_dir):
+    out = tmp_path / "p"
+    export_checkpoint(str(tiny_llama_dir), NEURONS, 2.0, out)
+    with pytest.raises(IrcanError, match="already exists; pass --force"):
+        export_checkpoint(str(tiny_llama_dir), NEURONS, 3.0, out)
+    assert Manifest.load(out).beta == 2.0
+    export_checkpoint(str(tiny_llama_dir), NEURONS, 3.0, out, force=True)
+    assert Manifest.load(out).beta == 3.0
+
+
+def test_failed_export_leaves_nothing(tmp_path, tiny_llama_dir):
+    bad = NEURONS.model_copy(update={"neurons": [Neuron(layer=7, index=0)]})
+    with pytest.raises(IrcanError, match="the model has 2"):
+        export_checkpoint(str(tiny_llama_dir), bad, 2.0, tmp_path / "p")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(IrcanError, match="not an exported IRCAN checkpoint"):
+        verify_checkpoint(tmp_path)
