@@ -10,8 +10,10 @@ columns; GPT-2's ``Conv1D`` stores ``(in, out)``, so neurons are rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import IrcanError
 

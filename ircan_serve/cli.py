@@ -26,10 +26,13 @@ log = logging.getLogger("ircan_serve")
 # --------------------------------------------------------------------------- flags from configs
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel],
+                     exclude: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per field of ``config``, typed, with its description and default."""
     group = parser.add_argument_group(config.__name__, (config.__doc__ or "").strip())
     for name, field in config.model_fields.items():
+        if name in exclude:
+            continue
         flag = "--" + name.replace("_", "-")
         help_ = f"{field.description or ''} (default: {field.default})"
         ann = field.annotation
@@ -174,6 +177,21 @@ def cmd_verify(ns: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_serve(ns: argparse.Namespace) -> None:
+    from .models import resolve_model
+    from .serving import ServeConfig, serve_forever
+
+    config = config_from_flags(ns, ServeConfig)
+    config = config.model_copy(update={"extra_args": list(ns.vllm_args)})
+    model_dir = resolve_model(ns.dir) if ns.plain else ns.dir
+
+    def announce(server) -> None:  # type: ignore[no-untyped-def]
+        print(f"serving {server.model_name!r} at {server.base_url}  (Ctrl-C stops; log: {server.log_path})",
+              flush=True)
+
+    serve_forever(model_dir, config, require_manifest=not ns.plain, announce=announce)
+
+
 def cmd_bench(ns: argparse.Namespace) -> None:
     from . import bench
 
@@ -223,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model to compare against (e.g. smollm2)")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint with vLLM's OpenAI server",
+        description="Start vLLM's OpenAI-compatible server on an exported checkpoint, wait until "
+        "/v1/models answers, print the base URL, stop cleanly on Ctrl-C or SIGTERM. Flags this "
+        "command does not know are passed to vLLM (e.g. --tensor-parallel-size 2).",
+    )
+    p.add_argument("dir", help="exported checkpoint folder (or, with --plain, any model spec)")
+    p.add_argument("--plain", action="store_true",
+                   help="serve a model without an ircan.json manifest (e.g. the base 'smollm2')")
+    from .serving import ServeConfig
+
+    add_config_flags(p, ServeConfig, exclude=("extra_args",))
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("attribution", help="fast vs reference attribution on SmolLM2")
@@ -238,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown and ns.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    ns.vllm_args = unknown
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

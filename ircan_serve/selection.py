@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import SelectionConfig
 from .errors import IrcanError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Neuron(BaseModel):

@@ -126,3 +126,15 @@ def patched_smollm2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "smollm2-conflicts"
     run_recipe(recipe.model_copy(update={"output": str(out)}), progress=False)
     return out
+
+
+API_KEY = "ircan-test-key"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(patched_smollm2):
+    """A real vLLM OpenAI server on 127.0.0.1 serving the patched SmolLM2, once per session."""
+    from ircan_serve.serving import ServeConfig, VLLMServer
+
+    with VLLMServer(patched_smollm2, ServeConfig(api_key=API_KEY, max_model_len=1024)) as server:
+        yield server
