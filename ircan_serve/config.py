@@ -54,6 +54,14 @@ class SelectionConfig(_Settings):
     )
 
 
+PAPER_H = list(range(1, 17))
+"""The paper's h grid for tuning."""
+PAPER_BETA = [float(b) for b in range(2, 21)]
+"""The paper's beta grid for tuning."""
+SMALL_BETA = [0.0, 0.5, 1.5]
+"""Erasing and mild scalings, added because large beta collapses small models."""
+
+
 class Recipe(_Settings):
     """One export recipe: model x data set -> patched checkpoint (``export/*.toml``)."""
 

@@ -77,6 +77,20 @@ def store_header(lm: LoadedModel, data: str, data_format: str) -> dict[str, Any]
 
 
 @dataclass
+class RecipePaths:
+    """Where a recipe's artifacts go."""
+
+    output: Path
+    store: Path
+
+
+def recipe_paths(recipe: Recipe, out_root: str | Path = "export/out") -> RecipePaths:
+    """The checkpoint folder and, beside it, the attribution store (``NAME.attribution``)."""
+    output = Path(recipe.output) if recipe.output else Path(out_root) / recipe.name
+    return RecipePaths(output=output, store=output.with_name(output.name + ".attribution"))
+
+
+@dataclass
 class RecipeResult:
     """What ``ircan export RECIPE`` produced."""
 
@@ -92,13 +106,13 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
     """Attribute, select and export as ``recipe`` says; attribution resumes if interrupted."""
     from .errors import IrcanError
 
-    output = Path(recipe.output) if recipe.output else Path(out_root) / recipe.name
+    paths = recipe_paths(recipe, out_root)
+    output, store = paths.output, paths.store
     if output.exists() and not force:
         raise IrcanError(f"{output} already exists; pass --force to replace it")
     lm = load_model(recipe.model)
     data = load_checked_data(lm, recipe.data, recipe.data_format,
                              skip_invalid=recipe.skip_invalid, limit=recipe.limit)
-    store = output.with_name(output.name + ".attribution")
     neurons = find_context_neurons(
         lm.model, lm.tokenizer, data.examples, recipe.attribution, recipe.selection,
         store=store, header=store_header(lm, recipe.data, recipe.data_format), progress=progress,

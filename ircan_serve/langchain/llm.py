@@ -79,14 +79,18 @@ class IrcanLLM(IrcanClientParams, LLM):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         prompt = self._with_context(prompt, kwargs.get("context"))
         with translate_errors(self.base_url):
+            empty = True
             for event in self._client.completions.create(
                 prompt=prompt, stream=True, **self._request_params(stop, kwargs)
             ):
                 if event.choices and event.choices[0].text:
+                    empty = False
                     chunk = GenerationChunk(text=event.choices[0].text)
                     if run_manager:
                         run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
+            if empty:  # an empty completion is a valid answer: stream it as ""
+                yield GenerationChunk(text="")
 
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
@@ -95,9 +99,13 @@ class IrcanLLM(IrcanClientParams, LLM):
         with translate_errors(self.base_url):
             stream = await self._async_client.completions.create(
                 prompt=prompt, stream=True, **self._request_params(stop, kwargs))
+            empty = True
             async for event in stream:
                 if event.choices and event.choices[0].text:
+                    empty = False
                     chunk = GenerationChunk(text=event.choices[0].text)
                     if run_manager:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
+            if empty:
+                yield GenerationChunk(text="")

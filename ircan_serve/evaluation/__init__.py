@@ -1,0 +1,1 @@
+"""Evaluation of context faithfulness: metrics, baselines (CAD, prompts), ablations, tuning, reports."""

@@ -1,0 +1,102 @@
+"""Predictions and the two headline metrics.
+
+* accuracy: share of predictions equal to the context's answer;
+* stubbornness: share equal to the memorized answer.
+
+Predictions per task (IRCAN, Section 4.1):
+
+* ``first_token`` (any task): the arg-max next token vs the first token of each answer as it
+  continues the prompt;
+* ``multiple_choice``: the highest logit among the option letters at the answer position;
+* ``completion`` / ``qa`` generation: greedy generation (see :mod:`.decoding`), compared up to
+  the first period (MemoTrap) or by containment (open QA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from ..attribution import answer_token_id
+from ..data import ConflictExample
+
+
+class Score(BaseModel):
+    """Accuracy and stubbornness of one method on one data set."""
+
+    accuracy: float
+    stubbornness: float
+    n: int
+
+
+def score(correct: Sequence[bool], stubborn: Sequence[bool]) -> Score:
+    n = len(correct)
+    return Score(accuracy=sum(correct) / n, stubbornness=sum(stubborn) / n, n=n)
+
+
+@torch.no_grad()
+def next_token_logits(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                      batch_size: int = 16) -> torch.Tensor:
+    """(N, V) next-token logits at the end of each prompt, left-padded in batches."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # (B, T)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                       use_cache=False).logits[:, -1, :]  # (B, V)
+        out.append(logits.float().cpu())
+    return torch.cat(out)
+
+
+def first_token_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+                      prompts: Sequence[str] | None = None) -> Score:
+    """Arg-max next token vs the first tokens of the context's and the memorized answer."""
+    prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
+    top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()
+    correct = [t == answer_token_id(tokenizer, p, e.answer) for t, p, e in zip(top, prompts, examples)]
+    stubborn = [t == answer_token_id(tokenizer, p, e.memorized) for t, p, e in zip(top, prompts, examples)]
+    return score(correct, stubborn)
+
+
+def choice_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+                 prompts: Sequence[str] | None = None) -> Score:
+    """Multiple choice: the option letter with the highest logit."""
+    prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
+    logits = next_token_logits(model, tokenizer, prompts)
+    correct, stubborn = [], []
+    for row, p, e in zip(logits, prompts, examples):
+        options = e.options or [e.answer, e.memorized]
+        ids = [answer_token_id(tokenizer, p, o) for o in options]
+        pick = options[int(torch.stack([row[i] for i in ids]).argmax())]
+        correct.append(pick == e.answer)
+        stubborn.append(pick == e.memorized)
+    return score(correct, stubborn)
+
+
+def logit_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+                prompts: Sequence[str] | None = None) -> Score:
+    """The cheap per-task score used for tuning: option logits for multiple choice, else first token."""
+    if examples and examples[0].task == "multiple_choice":
+        return choice_score(model, tokenizer, examples, prompts)
+    return first_token_score(model, tokenizer, examples, prompts)
+
+
+def agreement(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+              reference: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || model)) of next-token distributions on ``prompts``.
+
+    ``reference`` is the original model's :func:`next_token_logits` on the same prompts.
+    """
+    logits = next_token_logits(model, tokenizer, prompts)
+    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1),
+                                    log_target=True, reduction="batchmean").item()
+    return agree, kl
