@@ -237,6 +237,50 @@ def cmd_tune(ns: argparse.Namespace) -> None:
         console.print(f"written to {ns.recipe}; rebuild with `ircan export {ns.recipe} --force`")
 
 
+def cmd_eval(ns: argparse.Namespace) -> None:
+    from .architectures import ffn_width
+    from .attribution import AttributionStore
+    from .config import load_recipe
+    from .evaluation.methods import build_methods
+    from .evaluation.report import write_report
+    from .evaluation.runner import evaluate
+    from .models import load_model
+    from .pipeline import load_checked_data, recipe_paths
+    from .selection import NeuronSet, select_neurons
+
+    recipe = load_recipe(ns.recipe)
+    paths = recipe_paths(recipe)
+    neurons_file = paths.store / "neurons.json"
+    neurons = NeuronSet.load(neurons_file)
+    beta = neurons.beta if neurons.beta is not None else recipe.beta
+    test = Path(ns.test)
+    if recipe.data != "conflicts" and test.resolve() == Path(recipe.data).resolve():
+        raise IrcanError("--test is the recipe's attribution/tuning file; pass the test split")
+    lm = load_model(recipe.model)
+    data = load_checked_data(lm, str(test), ns.format, skip_invalid=ns.skip_invalid, limit=ns.limit)
+    n_layers = lm.model.config.num_hidden_layers
+    methods = build_methods(ns.methods, neurons, beta, n_layers, ffn_width(lm.model), ns.seeds)
+    out = Path(ns.out) if ns.out else paths.store.with_name(f"{recipe.name}.eval-{test.stem}")
+    settings = {"recipe": recipe.model_dump(), "test": str(test.resolve()), "limit": ns.limit, "alpha": ns.alpha,
+                "neurons": [n.model_dump() for n in neurons.neurons], "beta": beta}
+    try:
+        results = evaluate(lm.model, lm.tokenizer, data.examples, methods, out, settings, alpha=ns.alpha)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished methods are kept in {out / 'results.json'}", file=sys.stderr)
+        raise
+    records = AttributionStore(paths.store).all()
+    top = select_neurons((r.scores for r in records), recipe.selection.model_copy(update={"num_neurons": 100})) if records else None
+    tune_file = paths.store / "tune.json"
+    import json as _json
+
+    report = write_report(results, out, f"{recipe.name} on {test.name} (h = {len(neurons.neurons)}, beta = {beta:g})",
+                          neurons=[n.model_dump() for n in top.neurons] if top else None,
+                          tune_grid=_json.loads(tune_file.read_text()) if tune_file.is_file() else None,
+                          n_layers=n_layers)
+    print(report.read_text())
+    print(f"written: {out}")
+
+
 def cmd_demo(ns: argparse.Namespace) -> None:
     from .demo import print_demo, run_demo
 
@@ -319,6 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-write", dest="write", action="store_false",
                    help="only report; do not write the choice into the recipe")
     p.set_defaults(func=cmd_tune)
+
+    from .evaluation.methods import METHODS
+
+    p = sub.add_parser("eval", help="compare IRCAN with CAD, prompt baselines and ablations on a test split")
+    p.add_argument("recipe", help="the recipe whose attribution store holds neurons.json (after tune)")
+    p.add_argument("--test", required=True, help="test split file (never the recipe's dev file)")
+    p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre"])
+    p.add_argument("--limit", type=int, help="only the first N test rows")
+    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--alpha", type=float, default=0.5, help="CAD strength")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the random-neuron ablations")
+    p.add_argument("--out", help="output folder (default export/out/NAME.eval-TEST); reruns resume")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="RAG demo: original vs patched SmolLM2 behind vLLM, side by side")
     p.add_argument("--recipe", default="export/smollm2-conflicts.toml",

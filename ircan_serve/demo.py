@@ -8,13 +8,13 @@ The retriever searches the contexts of all rows.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_recipe
 from .data import ConflictExample, load_examples
 from .errors import IrcanError
+from .evaluation.metrics import answer_matches
 from .export import Manifest
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,6 @@ class DemoRow:
 
     def stubborn(self, model: str) -> bool:
         return answer_matches(self.answers[model], self.example.memorized)
-
-
-def answer_matches(text: str, answer: str) -> bool:
-    """The answer occurs in the generated text as whole words, ignoring case ("30" lacks "0")."""
-    return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def held_out_questions(recipe_path: str | Path) -> tuple[list[ConflictExample], list[ConflictExample]]:

@@ -14,6 +14,7 @@ Predictions per task (IRCAN, Section 4.1):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,3 +101,13 @@ def agreement(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1),
                                     log_target=True, reduction="batchmean").item()
     return agree, kl
+
+
+def answer_matches(text: str, answer: str) -> bool:
+    """The answer occurs in the generated text as whole words, ignoring case ("30" lacks "0")."""
+    return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def until_period(text: str) -> str:
+    """MemoTrap's prediction: the generated text up to the first period, normalized."""
+    return text.split(".", 1)[0].strip().lower()
