@@ -139,6 +139,15 @@ def run(ns: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if ns.bench == "eval":
+        r = bench_eval(ns.model, ns.rows, ns.max_tokens, ns.grid_rows)
+        console = Console(width=140)
+        console.print(f"CAD (alpha 0.5), {r['rows']} prompts x {r['tokens']} tokens, one run: "
+                      f"naive {r['cad_naive_s']:.2f} s, cached {r['cad_cached_s']:.2f} s, "
+                      f"speed-up {r['cad_naive_s'] / r['cad_cached_s']:.1f}x, identical outputs: {bool(r['same_output'])}")
+        console.print(f"tuning grid: {r['grid_points']} (h, beta) points on {r['grid_rows']} dev rows in "
+                      f"{r['grid_s']:.0f} s ({r['grid_s'] / r['grid_points']:.2f} s per point)")
+        return
     if ns.bench == "serve":
         print_serve(bench_serve(ns.checkpoint, ns.base, ns.concurrency, ns.max_tokens), ns.concurrency)
         return
@@ -256,3 +265,33 @@ def print_serve(results: list[LoadResult], levels: list[int]) -> None:
     raw_s = sum(r.seconds for r in results if r.label == "IRCAN raw (vs wrapper)")
     wrap_s = sum(r.seconds for r in results if r.label == "IRCAN LangChain wrapper")
     console.print(f"LangChain wrapper overhead vs raw OpenAI client: {(wrap_s / raw_s - 1) * 100:+.1f}%")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def bench_eval(model_spec: str, rows: int, max_new_tokens: int, grid_rows: int) -> dict[str, float]:
+    """CAD with two KV-cached streams vs naive CAD (full re-run per token), and the tuning grid."""
+    from .attribution import attribute_examples
+    from .config import PAPER_BETA, PAPER_H, SelectionConfig
+    from .evaluation.decoding import greedy_generate, naive_cad_generate
+    from .evaluation.tuning import tune
+    from .models import load_model
+    from .selection import select_neurons
+
+    lm = load_model(model_spec)
+    model, tok = lm.model, lm.tokenizer
+    examples = load_examples("conflicts").examples
+    test = examples[:rows]
+    prompts, plain = [e.prompt for e in test], [e.prompt_without_context for e in test]
+    greedy_generate(model, tok, prompts[:2], 2, cad_alpha=0.5, prompts_without_context=plain[:2])  # warm-up
+    fast, fast_s, _ = timed(lambda: greedy_generate(model, tok, prompts, max_new_tokens, cad_alpha=0.5,
+                                                    prompts_without_context=plain))
+    naive, naive_s, _ = timed(lambda: naive_cad_generate(model, tok, prompts, plain, max_new_tokens, 0.5))
+    dev = examples[:grid_rows]
+    scores = [r.scores for r in attribute_examples(model, tok, dev, progress=False)]
+    neurons = select_neurons(scores, SelectionConfig(num_neurons=max(PAPER_H)))
+    result = tune(model, tok, neurons, dev, hs=PAPER_H, betas=PAPER_BETA, progress=False)
+    return {"rows": rows, "tokens": max_new_tokens, "cad_cached_s": fast_s, "cad_naive_s": naive_s,
+            "same_output": float(fast == naive), "grid_points": len(result.grid), "grid_rows": grid_rows,
+            "grid_s": result.seconds}

@@ -197,7 +197,7 @@ def cmd_tune(ns: argparse.Namespace) -> None:
     from rich.table import Table
 
     from .attribution import AttributionStore
-    from .config import SelectionConfig, load_recipe
+    from .config import load_recipe
     from .evaluation.tuning import tune, write_choice_to_recipe
     from .models import load_model
     from .pipeline import load_checked_data, recipe_paths
@@ -394,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only this many layers (spread over the depth) in both methods; "
                         "default: all for prompts under 100 tokens, 3 above")
     b.add_argument("--n-steps", type=int, default=20)
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("eval", help="CAD with KV caches vs naive CAD; time of the paper's h x beta grid")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--rows", type=int, default=16, help="prompts for the CAD comparison")
+    b.add_argument("--max-tokens", type=int, default=10)
+    b.add_argument("--grid-rows", type=int, default=16, help="dev rows for the h x beta grid")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("serve", help="vLLM throughput/latency: patched vs base, wrapper vs raw client")
     b.add_argument("--checkpoint", default="export/out/smollm2-conflicts")

@@ -14,9 +14,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .architectures import layout_for
 from .errors import IrcanError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +34,8 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LoadedModel:
     """A model ready for attribution: float32, eval mode, with its tokenizer and source."""
 
-    model: "torch.nn.Module"  # type: ignore[name-defined]  # noqa: F821
-    tokenizer: "PreTrainedTokenizerBase"  # type: ignore[name-defined]  # noqa: F821
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
     source: str
     """The folder it was read from (for GGUF: the converted folder) or the hub id."""
     name: str
@@ -131,7 +136,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> LoadedModel
     return LoadedModel(model=prepare_model(model), tokenizer=tokenizer, source=source, name=spec)
 
 
-def prepare_model(model: "torch.nn.Module") -> "torch.nn.Module":  # noqa: F821
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     """Put a model in eval mode with frozen weights: attribution differentiates activations only."""
     layout_for(model.config.model_type)
     model.eval()

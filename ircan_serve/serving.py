@@ -20,12 +20,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import IrcanError
 from .export import MANIFEST, Manifest
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +224,7 @@ class VLLMServer:
         except ProcessLookupError:
             pass
 
-    def client(self, **kwargs: object) -> "openai.OpenAI":  # type: ignore[name-defined]  # noqa: F821
+    def client(self, **kwargs: object) -> openai.OpenAI:
         """An OpenAI client for this server."""
         import openai
 

@@ -1,8 +1,6 @@
 """LangChain wrappers against the live vLLM server: the standard integration suite for the chat
 model, the string LLM contract, and the RAG chain."""
 
-import time
-
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 

@@ -57,21 +57,18 @@ def next_token_logits(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[
     return torch.cat(out)
 
 
-def first_token_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
-                      prompts: Sequence[str] | None = None) -> Score:
-    """Arg-max next token vs the first tokens of the context's and the memorized answer."""
-    prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
-    top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()
+def score_first_tokens(tokenizer: Any, logits: torch.Tensor, prompts: Sequence[str],
+                       examples: Sequence[ConflictExample]) -> Score:
+    """Arg-max of (N, V) next-token ``logits`` vs the first tokens of the two answers."""
+    top = logits.argmax(-1).tolist()
     correct = [t == answer_token_id(tokenizer, p, e.answer) for t, p, e in zip(top, prompts, examples)]
     stubborn = [t == answer_token_id(tokenizer, p, e.memorized) for t, p, e in zip(top, prompts, examples)]
     return score(correct, stubborn)
 
 
-def choice_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
-                 prompts: Sequence[str] | None = None) -> Score:
-    """Multiple choice: the option letter with the highest logit."""
-    prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
-    logits = next_token_logits(model, tokenizer, prompts)
+def score_choices(tokenizer: Any, logits: torch.Tensor, prompts: Sequence[str],
+                  examples: Sequence[ConflictExample]) -> Score:
+    """Multiple choice: the option letter whose token has the highest of the (N, V) ``logits``."""
     correct, stubborn = [], []
     for row, p, e in zip(logits, prompts, examples):
         options = e.options or [e.answer, e.memorized]
@@ -80,6 +77,20 @@ def choice_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Conf
         correct.append(pick == e.answer)
         stubborn.append(pick == e.memorized)
     return score(correct, stubborn)
+
+
+def first_token_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+                      prompts: Sequence[str] | None = None) -> Score:
+    """Arg-max next token vs the first tokens of the context's and the memorized answer."""
+    prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
+    return score_first_tokens(tokenizer, next_token_logits(model, tokenizer, prompts), prompts, examples)
+
+
+def choice_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+                 prompts: Sequence[str] | None = None) -> Score:
+    """Multiple choice: the option letter with the highest logit."""
+    prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
+    return score_choices(tokenizer, next_token_logits(model, tokenizer, prompts), prompts, examples)
 
 
 def logit_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],

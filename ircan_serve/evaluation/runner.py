@@ -24,7 +24,16 @@ from ..data import ConflictExample
 from ..errors import IrcanError
 from .decoding import cad_logits, greedy_generate
 from .methods import Method
-from .metrics import Score, agreement, answer_matches, next_token_logits, score, until_period
+from .metrics import (
+    Score,
+    agreement,
+    answer_matches,
+    next_token_logits,
+    score,
+    score_choices,
+    score_first_tokens,
+    until_period,
+)
 
 
 class MethodResult(BaseModel):
@@ -68,19 +77,10 @@ def run_method(model: Any, tokenizer: Any, examples: list[ConflictExample], meth
         prompts = method.prompts(examples)
         logits = _first_tokens(model, tokenizer, examples, prompts, cad)
         if task == "multiple_choice":
-            correct, stubborn = [], []
-            for row, p, e in zip(logits, prompts, examples):
-                options = e.options or [e.answer, e.memorized]
-                ids = [answer_token_id(tokenizer, p, o) for o in options]
-                pick = options[int(torch.stack([row[i] for i in ids]).argmax())]
-                correct.append(pick == e.answer)
-                stubborn.append(pick == e.memorized)
-            first = score(correct, stubborn)
+            first = score_choices(tokenizer, logits, prompts, examples)
             generation = None
         else:
-            top = logits.argmax(-1).tolist()
-            first = score([t == answer_token_id(tokenizer, p, e.answer) for t, p, e in zip(top, prompts, examples)],
-                          [t == answer_token_id(tokenizer, p, e.memorized) for t, p, e in zip(top, prompts, examples)])
+            first = score_first_tokens(tokenizer, logits, prompts, examples)
             texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, cad_alpha=cad,
                                     prompts_without_context=[e.prompt_without_context for e in examples])
             if task == "completion":
