@@ -210,39 +210,47 @@ async def _load(label: str, call: Callable[[], Any], concurrency: int, requests:
                       time.perf_counter() - t0, latencies)
 
 
+async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: int) -> list[LoadResult]:
+    """All load runs against one server, in one event loop (clients are bound to their loop)."""
+    import openai
+
+    from .langchain import IrcanLLM
+
+    body = {"ignore_eos": True}  # every request generates exactly max_tokens tokens
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0)
+    llm = IrcanLLM(model=server.model_name, base_url=server.base_url, max_tokens=max_tokens,
+                   extra_body=body, max_retries=0)
+
+    async def raw() -> Any:
+        return await client.completions.create(model=server.model_name, prompt=SERVE_PROMPT,
+                                               max_tokens=max_tokens, temperature=0, extra_body=body)
+
+    async def wrapped() -> Any:
+        return await llm.ainvoke(SERVE_PROMPT)
+
+    results = []
+    await _load("warm-up", raw, 8, 8, max_tokens)
+    for c in levels:
+        results.append(await _load(f"{label} raw", raw, c, max(8, 2 * c), max_tokens))
+    if label == "IRCAN":
+        for _ in range(2):  # interleaved, so drift hits both alike
+            results.append(await _load("IRCAN raw (vs wrapper)", raw, 8, 32, max_tokens))
+            results.append(await _load("IRCAN LangChain wrapper", wrapped, 8, 32, max_tokens))
+    await client.close()
+    return results
+
+
 def bench_serve(checkpoint: str, base: str, levels: list[int], max_tokens: int) -> list[LoadResult]:
     """Throughput and latency of the base and the patched checkpoint, raw client and LangChain wrapper."""
     import asyncio
 
-    import openai
-
-    from .langchain import IrcanLLM
     from .models import resolve_model
     from .serving import VLLMServer
 
     results: list[LoadResult] = []
-    body = {"ignore_eos": True}  # every request generates exactly max_tokens tokens
     for label, folder, plain in (("base", resolve_model(base), True), ("IRCAN", checkpoint, False)):
         with VLLMServer(folder, require_manifest=not plain) as server:
-            client = openai.AsyncOpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0)
-
-            async def raw() -> Any:
-                return await client.completions.create(model=server.model_name, prompt=SERVE_PROMPT,
-                                                       max_tokens=max_tokens, temperature=0, extra_body=body)
-
-            llm = IrcanLLM(model=server.model_name, base_url=server.base_url, max_tokens=max_tokens,
-                           extra_body=body, max_retries=0)
-
-            async def wrapped() -> Any:
-                return await llm.ainvoke(SERVE_PROMPT)
-
-            asyncio.run(_load("warm-up", raw, 8, 8, max_tokens))
-            for c in levels:
-                results.append(asyncio.run(_load(f"{label} raw", raw, c, max(8, 2 * c), max_tokens)))
-            if label == "IRCAN":
-                for _ in range(2):  # interleaved, so drift hits both alike
-                    results.append(asyncio.run(_load("IRCAN raw (vs wrapper)", raw, 8, 32, max_tokens)))
-                    results.append(asyncio.run(_load("IRCAN LangChain wrapper", wrapped, 8, 32, max_tokens)))
+            results += asyncio.run(_serve_runs(server, label, levels, max_tokens))
     return results
 
 

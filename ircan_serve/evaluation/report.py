@@ -84,6 +84,7 @@ def plots(data: dict[str, Any], out: Path, neurons: list[dict[str, Any]] | None,
                yerr=[rows[m].get(f"{metric}.accuracy.std") or 0 for m in names], capsize=4,
                color=["gray", "tab:green", "tab:red", "tab:olive", "tab:orange"][: len(names)])
         ax.set(ylabel=f"accuracy ({metric.replace('_', ' ')})", title="ablations (test)")
+        ax.tick_params(axis="x", rotation=15)
         fig.tight_layout()
         written.append(out / "ablations.png")
         fig.savefig(written[-1], dpi=120)
