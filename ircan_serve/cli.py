@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only report; do not write the choice into the recipe")
     p.set_defaults(func=cmd_tune)
 
-    from .evaluation.methods import METHODS
+    from .config import EVAL_METHODS as METHODS
 
     p = sub.add_parser("eval", help="compare IRCAN with CAD, prompt baselines and ablations on a test split")
     p.add_argument("recipe", help="the recipe whose attribution store holds neurons.json (after tune)")

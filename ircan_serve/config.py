@@ -61,6 +61,10 @@ PAPER_BETA = [float(b) for b in range(2, 21)]
 SMALL_BETA = [0.0, 0.5, 1.5]
 """Erasing and mild scalings, added because large beta collapses small models."""
 
+EVAL_METHODS = ["original", "ircan", "cad", "ircan+cad", "instruction", "opinion", "erase",
+                "random-enhance", "random-erase"]
+"""The methods ``ircan eval`` compares (see ``evaluation/methods.py``)."""
+
 
 class Recipe(_Settings):
     """One export recipe: model x data set -> patched checkpoint (``export/*.toml``)."""

@@ -18,13 +18,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import EVAL_METHODS
 from ..data import MC_INSTRUCTION, ConflictExample
 from ..reweight import reweighted
 from ..selection import Neuron, NeuronSet
 
 INSTRUCTION = "Answer using only the information given in the context, even if it contradicts what you know."
-METHODS = ["original", "ircan", "cad", "ircan+cad", "instruction", "opinion", "erase",
-           "random-enhance", "random-erase"]
+METHODS = EVAL_METHODS
 
 
 def instruction_prompt(e: ConflictExample) -> str:
