@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import logging
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -228,11 +229,9 @@ def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyRepo
     the listed neurons must equal ``base * beta`` (computed as the export does) and everything
     else must be bit-identical.
     """
-    import torch
     from safetensors import safe_open
 
     from .models import resolve_model
-    from .reweight import scale_neurons
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
@@ -255,10 +254,22 @@ def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyRepo
     for n in manifest.neurons:
         by_layer.setdefault(n.layer, []).append(n.index)
     targets = {layout.weight_name(layer): sorted(idx) for layer, idx in by_layer.items()}
-    base_tensors: dict[str, Path] = {}
-    for shard in base_dir.glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as f:
-            base_tensors.update({k: shard for k in f.keys()})
+    with ExitStack() as stack:
+        base_tensors: dict[str, Any] = {}  # tensor name -> open handle of its base shard
+        for shard in base_dir.glob("*.safetensors"):
+            handle = stack.enter_context(safe_open(str(shard), "pt"))
+            base_tensors.update({k: handle for k in handle.keys()})
+        _compare_with_base(folder, manifest, base_tensors, targets, layout.neuron_axis, report)
+    return report
+
+
+def _compare_with_base(folder: Path, manifest: Manifest, base_tensors: dict[str, Any],
+                       targets: dict[str, list[int]], axis: int, report: VerifyReport) -> None:
+    import torch
+    from safetensors import safe_open
+
+    from .reweight import scale_neurons
+
     for name in manifest.files:
         with safe_open(str(folder / name), "pt") as f:
             for key in f.keys():
@@ -266,11 +277,10 @@ def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyRepo
                 if key not in base_tensors:
                     report.problems.append(f"{key}: not in the base model")
                     continue
-                with safe_open(str(base_tensors[key]), "pt") as g:
-                    original = g.get_tensor(key)
+                original = base_tensors[key].get_tensor(key)
                 expected = original
                 if key in targets:
-                    expected = scale_neurons(original, targets[key], manifest.beta, layout.neuron_axis)
+                    expected = scale_neurons(original, targets[key], manifest.beta, axis)
                     report.columns_checked += len(targets[key])
                 report.tensors_compared += 1
                 if patched.shape != expected.shape or patched.dtype != expected.dtype:
@@ -279,4 +289,3 @@ def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyRepo
                     diff = (patched.float() - expected.float()).abs().max().item()
                     what = "listed neurons are not base x beta" if key in targets else "differs from the base"
                     report.problems.append(f"{key}: {what} (max abs diff {diff:.3g})")
-    return report
