@@ -37,6 +37,7 @@ from .architectures import ffn_out_projections
 from .config import AttributionConfig
 from .data import ConflictExample
 from .errors import IrcanError
+from .prompts import encode
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,29 @@ class Attribution:
     """(n_layers, d_ff) float32 integrated-gradient scores; rows of unscored layers are 0."""
     prob_with_context: float
     prob_without_context: float
+    activations_with: torch.Tensor | None = None
+    """(n_layers, d_ff) float32 activations a with the context (None in stores before version 2)."""
+    activations_without: torch.Tensor | None = None
+    """(n_layers, d_ff) float32 activations a' without the context."""
+
+    def effect(self) -> torch.Tensor:
+        """(n_layers, d_ff) a * mean gradient: the first-order change of P(answer) per unit of
+        log-scale on each neuron's output column, i.e. d P / d log(beta) at beta = 1.
+
+        Positive: scaling the neuron up raises P(context's answer). The IRCAN score
+        (a - a') * mean gradient does not fix this sign, since SwiGLU activations are signed.
+        """
+        if self.activations_with is None or self.activations_without is None:
+            raise IrcanError(f"the record of {self.example_id!r} has no activations: it comes from an "
+                             "attribution store older than version 2; rerun `ircan attribute` into a new store")
+        delta = self.activations_with - self.activations_without  # (L, d_ff)
+        safe = torch.where(delta == 0, torch.ones_like(delta), delta)
+        mean_grad = torch.where(delta == 0, torch.zeros_like(delta), self.scores / safe)
+        return self.activations_with * mean_grad
+
+
+STORE_VERSION = 2
+"""Version 2 stores the with/without-context activations beside the scores (the signed rule needs them)."""
 
 
 # --------------------------------------------------------------------------- tokens and hooks
@@ -63,20 +87,22 @@ def answer_token_id(tokenizer: Any, prompt: str, answer: str) -> int:
     Tokenizing the bare answer word (the reference code's bug) gives ``Paris`` instead of
     `` Paris``; here the answer is tokenized in place after the prompt.
     """
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full_ids = tokenizer(prompt + answer)["input_ids"]
+    prompt_ids = encode(tokenizer, prompt)
+    full_ids = encode(tokenizer, prompt + answer)
     n = len(prompt_ids)
     if len(full_ids) <= n:
         raise IrcanError(f"answer {answer!r} adds no token after the prompt")
     if full_ids[:n] != prompt_ids:
-        # The tokenizer merged the prompt's last token with the answer; fall back to the
-        # answer's own tokens, which still carry its leading space.
-        return int(tokenizer(answer, add_special_tokens=False)["input_ids"][0])
+        # The tokenizer merged the prompt's last token with the answer's first: take the first
+        # token where the two encodings part (never the answer encoded alone, which gives a lone
+        # '▁' piece with SentencePiece tokenizers).
+        first = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b)
+        return int(full_ids[first])
     return int(full_ids[n])
 
 
 def _ids(tokenizer: Any, text: str, device: torch.device) -> torch.Tensor:
-    return torch.tensor([tokenizer(text)["input_ids"]], device=device)  # (1, T)
+    return torch.tensor([encode(tokenizer, text)], device=device)  # (1, T)
 
 
 @contextmanager
@@ -177,7 +203,7 @@ def reference_scores(
     """
     projections = ffn_out_projections(model)
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
-    scores = torch.zeros_like(target)
+    scores = torch.zeros_like(target, dtype=torch.float32)
     batch = input_ids.expand(n_steps, -1)  # (m, T)
     for layer in layers:
         delta = target[layer] - baseline[layer]  # (d_ff,)
@@ -212,7 +238,7 @@ def fast_scores(
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     last = input_ids[:, -1:]  # (1, 1)
     per_pass = max(1, internal_batch_size // n_steps)
-    scores = torch.zeros_like(target)
+    scores = torch.zeros_like(target, dtype=torch.float32)
     for start in range(0, len(layers), per_pass):
         chunk = list(layers[start : start + per_pass])
         rows = len(chunk) * n_steps
@@ -275,7 +301,9 @@ class ContextAwareIntegratedGradients:
             prefix.crop(-1)  # drop the last token: the fast path recomputes it
             scores = fast_scores(self.model, ids_with, prefix, *args, config.internal_batch_size)
         return Attribution(
-            example.id, token, scores.detach().cpu(), with_.prob, without.prob
+            example.id, token, scores.detach().float().cpu(), with_.prob, without.prob,
+            activations_with=with_.activations.float().cpu(),
+            activations_without=without.activations.float().cpu(),
         )
 
 
@@ -303,8 +331,16 @@ class AttributionStore:
 
     def open(self, header: dict[str, Any]) -> None:
         """Create the store, or check that an existing one was made with the same settings."""
+        header = {**header, "store_version": STORE_VERSION}
         if self.header_path.is_file():
             existing = json.loads(self.header_path.read_text())
+            if existing.get("store_version", 1) != STORE_VERSION:
+                raise IrcanError(
+                    f"attribution store {self.path} is version {existing.get('store_version', 1)} "
+                    f"(this ircan-serve writes version {STORE_VERSION}, which adds the activations "
+                    "the signed rule needs); it can still be read by `ircan select --rule paper`, "
+                    "but to resume or extend it, attribute into a new folder"
+                )
             if existing != header:
                 diff = {k: (existing.get(k), v) for k, v in header.items() if existing.get(k) != v}
                 raise IrcanError(
@@ -332,22 +368,33 @@ class AttributionStore:
             "prob_with_context": repr(attribution.prob_with_context),
             "prob_without_context": repr(attribution.prob_without_context),
         }
-        save_file({"scores": attribution.scores.contiguous()}, str(tmp), metadata=meta)
+        tensors = {"scores": attribution.scores.contiguous()}
+        if attribution.activations_with is not None and attribution.activations_without is not None:
+            tensors["activations_with"] = attribution.activations_with.contiguous()
+            tensors["activations_without"] = attribution.activations_without.contiguous()
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.rename(path)
 
     def get(self, example_id: str) -> Attribution:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = self._file(example_id)
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        return Attribution(
-            example_id=meta["example_id"],
-            answer_token=int(meta["answer_token"]),
-            scores=load_file(str(path))["scores"],
-            prob_with_context=float(meta["prob_with_context"]),
-            prob_without_context=float(meta["prob_without_context"]),
-        )
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+            tensors = load_file(str(path))
+            return Attribution(
+                example_id=meta["example_id"],
+                answer_token=int(meta["answer_token"]),
+                scores=tensors["scores"],
+                prob_with_context=float(meta["prob_with_context"]),
+                prob_without_context=float(meta["prob_without_context"]),
+                activations_with=tensors.get("activations_with"),
+                activations_without=tensors.get("activations_without"),
+            )
+        except (OSError, KeyError, ValueError, TypeError, SafetensorError) as e:
+            raise IrcanError(f"attribution record {path} (example {example_id!r}) is unreadable: {e}; "
+                             "delete it and rerun `ircan attribute` to recompute it") from e
 
     def all(self) -> list[Attribution]:
         """Every stored record, in the order of the header's example ids."""

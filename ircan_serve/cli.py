@@ -110,14 +110,15 @@ def cmd_select(ns: argparse.Namespace) -> None:
     records = store.all()
     if not records:
         raise IrcanError(f"{ns.store} holds no attribution results; run `ircan attribute` first")
-    neurons = select_neurons((r.scores for r in records), config)
+    neurons = select_neurons(records, config)
     if ns.beta is not None:
-        neurons = neurons.model_copy(update={"beta": ns.beta})
+        neurons = neurons.scaled(ns.beta, config.rule)
     output = Path(ns.output) if ns.output else Path(ns.store) / "neurons.json"
     neurons.save(output)
     _summary("selection", {
         "examples": neurons.n_examples, "t / z / h": f"{config.threshold} / {config.top_z} / {config.num_neurons}",
         "neurons (layer:index x count)": ", ".join(f"{n.layer}:{n.index}x{n.count}" for n in neurons.neurons),
+        "scales": ", ".join(f"{f:g}" for f in neurons.scales()) if neurons.beta is not None else "(no --beta)",
         "written": output,
     })
 
@@ -148,17 +149,18 @@ def cmd_export(ns: argparse.Namespace) -> None:
     from .selection import NeuronSet
 
     neurons = NeuronSet.load(ns.neurons)
-    beta = ns.beta if ns.beta is not None else neurons.beta
-    if beta is None:
+    if ns.beta is None and neurons.beta is None:
         raise IrcanError("no beta: pass --beta or set it in the neurons file (`ircan select --beta`)")
     if not ns.output:
         raise IrcanError("pass --output DIR for the checkpoint folder")
     if ns.num_neurons:
         neurons = neurons.top(ns.num_neurons)
-    manifest = export_checkpoint(resolve_model(ns.model), neurons, beta, ns.output,
+    if ns.beta is not None:  # the file's rule (default: the paper's) with the new beta
+        neurons = neurons.scaled(ns.beta, neurons.rule or "paper")
+    manifest = export_checkpoint(resolve_model(ns.model), neurons, None, ns.output,
                                  base_model=ns.model, force=ns.force)
-    _summary("export", {"checkpoint": ns.output, "neurons": len(manifest.neurons), "beta": beta,
-                        "weight files": len(manifest.files)})
+    _summary("export", {"checkpoint": ns.output, "neurons": len(manifest.neurons), "beta": manifest.beta,
+                        "rule": manifest.rule, "weight files": len(manifest.files)})
 
 
 def cmd_verify(ns: argparse.Namespace) -> None:
@@ -200,7 +202,7 @@ def cmd_tune(ns: argparse.Namespace) -> None:
     from .config import load_recipe
     from .evaluation.tuning import tune, write_choice_to_recipe
     from .models import load_model
-    from .pipeline import load_checked_data, recipe_paths
+    from .pipeline import recipe_data, recipe_paths
     from .selection import select_neurons
 
     recipe = load_recipe(ns.recipe)
@@ -209,35 +211,47 @@ def cmd_tune(ns: argparse.Namespace) -> None:
     if not records:
         raise IrcanError(f"no attribution results in {paths.store}; run `ircan export {ns.recipe}` first")
     hs, betas = ns.h, ns.beta
-    neurons = select_neurons((r.scores for r in records),
-                             recipe.selection.model_copy(update={"num_neurons": max(hs)}))
+    neurons = select_neurons(records, recipe.selection.model_copy(update={"num_neurons": max(hs)}))
     lm = load_model(recipe.model)
-    dev = load_checked_data(lm, recipe.data, recipe.data_format, skip_invalid=recipe.skip_invalid,
-                            limit=recipe.limit).examples
-    result = tune(lm.model, lm.tokenizer, neurons, dev, hs=hs, betas=betas, min_agreement=ns.min_agreement)
-    table = Table(title=f"tune {recipe.name}: dev rows = the recipe's {len(dev)} attribution rows")
-    for col in ("h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)", "KL", ""):
+    data = recipe_data(recipe, lm)
+    dev = data.dev
+    result = tune(lm.model, lm.tokenizer, neurons, dev, hs=hs, betas=betas, rules=ns.rule,
+                  min_agreement=ns.min_agreement, max_drop=ns.max_drop)
+    which = ("the recipe's attribution rows (no [splits]: the paper's protocol)" if recipe.splits is None
+             else "rows disjoint from the attribution rows")
+    table = Table(title=f"tune {recipe.name}: {len(dev)} dev rows, {which}")
+    for col in ("rule", "h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)",
+                "locality", "agreeing ctx", "KL", "collapsed"):
         table.add_column(col, justify="right")
     for row in result.table():
         table.add_row(*row)
-    console = Console(width=140)
+    console = Console(width=160)
     console.print(table)
+    oc = result.original_checks
     console.print(f"original: accuracy {result.original.accuracy:.3f}, stubbornness "
-                  f"{result.original.stubbornness:.3f}; grid of {len(result.grid)} points in {result.seconds:.0f} s")
+                  f"{result.original.stubbornness:.3f}, locality {oc.locality}, agreeing {oc.agreeing}; "
+                  f"grid of {len(result.grid)} points in {result.seconds:.0f} s")
     report = paths.store / "tune.json"
     report.write_text(result.model_dump_json(indent=2))
+    if result.best_shrink is not None:
+        b = result.best_shrink
+        console.print(f"best shrinking point (reported apart, not chosen): {b.rule} h = {b.h}, beta = {b.beta:g} "
+                      f"(dev accuracy {b.dev.accuracy:.3f})")
     if result.best is None:
-        raise IrcanError(f"every grid point collapsed (agreement < {ns.min_agreement}); nothing written")
+        raise IrcanError("every enhancing grid point collapsed (agreement < "
+                         f"{ns.min_agreement} or a side check dropped > {ns.max_drop}); nothing written")
     best = result.best
-    console.print(f"chosen: h = {best.h}, beta = {best.beta:g} (dev accuracy {best.dev.accuracy:.3f}); "
+    console.print(f"chosen: {best.rule} h = {best.h}, beta = {best.beta:g} (dev accuracy {best.dev.accuracy:.3f}); "
                   f"grid in {report}")
     if ns.write:
-        write_choice_to_recipe(ns.recipe, best.h, best.beta)
-        neurons.top(best.h).model_copy(update={"beta": best.beta}).save(paths.store / "neurons.json")
+        write_choice_to_recipe(ns.recipe, best.h, best.beta, best.rule)
+        neurons.top(best.h).scaled(best.beta, best.rule).save(paths.store / "neurons.json")
         console.print(f"written to {ns.recipe}; rebuild with `ircan export {ns.recipe} --force`")
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
+    import json as _json
+
     from .architectures import ffn_width
     from .attribution import AttributionStore
     from .config import load_recipe
@@ -245,40 +259,67 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     from .evaluation.report import write_report
     from .evaluation.runner import evaluate
     from .models import load_model
-    from .pipeline import load_checked_data, recipe_paths
+    from .pipeline import load_checked_data, recipe_data, recipe_paths
     from .selection import NeuronSet, select_neurons
 
     recipe = load_recipe(ns.recipe)
     paths = recipe_paths(recipe)
     neurons_file = paths.store / "neurons.json"
     neurons = NeuronSet.load(neurons_file)
-    beta = neurons.beta if neurons.beta is not None else recipe.beta
-    test = Path(ns.test)
-    if recipe.data != "conflicts" and test.resolve() == Path(recipe.data).resolve():
-        raise IrcanError("--test is the recipe's attribution/tuning file; pass the test split")
+    if neurons.beta is None:
+        neurons = neurons.scaled(recipe.beta, recipe.selection.rule)
+    tune_file = paths.store / "tune.json"
+    tune_grid = _json.loads(tune_file.read_text()) if tune_file.is_file() else None
     lm = load_model(recipe.model)
-    data = load_checked_data(lm, str(test), ns.format, skip_invalid=ns.skip_invalid, limit=ns.limit)
+    if ns.test:
+        test = Path(ns.test)
+        if recipe.data != "conflicts" and test.resolve() == Path(recipe.data).resolve():
+            raise IrcanError("--test is the recipe's attribution/tuning file; pass the test split "
+                             "(or give the recipe [splits] and omit --test to use its test rows)")
+        examples = load_checked_data(lm, str(test), ns.format, skip_invalid=ns.skip_invalid, limit=ns.limit,
+                                     template=recipe.prompt).examples
+        test_name, test_id = test.stem, str(test.resolve())
+    elif recipe.splits is not None:
+        examples = recipe_data(recipe, lm).test[: ns.limit]
+        test_name, test_id = "test-split", f"{recipe.data} [test split]"
+    else:
+        raise IrcanError("pass --test FILE, or give the recipe [splits] so it has its own test rows")
+    shrink = None
+    if tune_grid and tune_grid.get("best_shrink"):
+        b = tune_grid["best_shrink"]
+        records = AttributionStore(paths.store).all()
+        shrink = select_neurons(records, recipe.selection.model_copy(update={"num_neurons": b["h"]})).scaled(
+            b["beta"], b.get("rule", "paper"))
     n_layers = lm.model.config.num_hidden_layers
-    methods = build_methods(ns.methods, neurons, beta, n_layers, ffn_width(lm.model), ns.seeds)
-    out = Path(ns.out) if ns.out else paths.store.with_name(f"{recipe.name}.eval-{test.stem}")
-    settings = {"recipe": recipe.model_dump(), "test": str(test.resolve()), "limit": ns.limit, "alpha": ns.alpha,
-                "neurons": [n.model_dump() for n in neurons.neurons], "beta": beta}
+    methods = build_methods(ns.methods, neurons, n_layers, ffn_width(lm.model), ns.seeds, shrink=shrink)
+    out = Path(ns.out) if ns.out else paths.store.with_name(f"{recipe.name}.eval-{test_name}")
+    settings = {"recipe": recipe.model_dump(), "test": test_id, "limit": ns.limit, "alpha": ns.alpha,
+                "neurons": [n.model_dump() for n in neurons.neurons], "beta": neurons.beta, "rule": neurons.rule}
     try:
-        results = evaluate(lm.model, lm.tokenizer, data.examples, methods, out, settings, alpha=ns.alpha)
+        results = evaluate(lm.model, lm.tokenizer, examples, methods, out, settings, alpha=ns.alpha)
     except KeyboardInterrupt:
         print(f"interrupted; finished methods are kept in {out / 'results.json'}", file=sys.stderr)
         raise
     records = AttributionStore(paths.store).all()
-    top = select_neurons((r.scores for r in records), recipe.selection.model_copy(update={"num_neurons": 100})) if records else None
-    tune_file = paths.store / "tune.json"
-    import json as _json
-
-    report = write_report(results, out, f"{recipe.name} on {test.name} (h = {len(neurons.neurons)}, beta = {beta:g})",
-                          neurons=[n.model_dump() for n in top.neurons] if top else None,
-                          tune_grid=_json.loads(tune_file.read_text()) if tune_file.is_file() else None,
-                          n_layers=n_layers)
+    top = select_neurons(records, recipe.selection.model_copy(update={"num_neurons": 100})) if records else None
+    title = (f"{recipe.name} on {test_name} (h = {len(neurons.neurons)}, beta = {neurons.beta:g}, "
+             f"rule = {neurons.rule or 'paper'})")
+    report = write_report(results, out, title, neurons=[n.model_dump() for n in top.neurons] if top else None,
+                          tune_grid=tune_grid, n_layers=n_layers)
     print(report.read_text())
     print(f"written: {out}")
+
+
+def cmd_conflicts(ns: argparse.Namespace) -> None:
+    from .conflicts import build_conflicts
+    from .models import load_model
+
+    lm = load_model(ns.model)
+    report = build_conflicts(lm.model, lm.tokenizer, ns.input, ns.output, seed=ns.seed)
+    _summary("conflicts", {"model": lm.name, "QA rows": report.rows, "conflicts written": report.written,
+                           "output": report.output,
+                           "dropped": ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "none",
+                           "report": str(Path(report.output).with_name(Path(report.output).stem + ".report.json"))})
 
 
 def cmd_demo(ns: argparse.Namespace) -> None:
@@ -307,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", help="score FFN neurons on a conflict data set (resumable)")
     p.add_argument("--model", default="smollm2", help="folder, hub id, .gguf file or 'smollm2'")
     p.add_argument("--data", default="conflicts", help="data file or 'conflicts' (the shipped set)")
-    p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre"])
+    p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre", "counterfact"])
     p.add_argument("--store", required=True, help="attribution store folder (resumes if it exists)")
     p.add_argument("--limit", type=int, help="use only the first N rows")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report them")
@@ -352,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .config import PAPER_BETA, PAPER_H, SMALL_BETA
 
-    p = sub.add_parser("tune", help="choose h and beta on the recipe's dev rows (reversible reweighting)")
+    p = sub.add_parser("tune", help="choose the rule, h and beta on the recipe's dev rows (reversible reweighting)")
     p.add_argument("recipe", help="export/*.toml recipe whose attribution store exists")
     p.add_argument("--h", type=int, nargs="+", default=PAPER_H, help="h values (default: the paper's 1..16)")
     p.add_argument("--beta", type=float, nargs="+", default=SMALL_BETA + PAPER_BETA,
@@ -360,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.8,
                    help="grid points whose top-1 agreement with the original on prompts without "
                         "context falls below this are collapsed and never chosen")
+    p.add_argument("--rule", nargs="+", default=["paper", "signed"], choices=["paper", "signed"],
+                   help="reweighting rules to search (default both)")
+    p.add_argument("--max-drop", type=float, default=0.02,
+                   help="grid points that lose more than this accuracy on the dev rows' locality facts "
+                        "or agreeing contexts are collapsed and never chosen")
     p.add_argument("--no-write", dest="write", action="store_false",
                    help="only report; do not write the choice into the recipe")
     p.set_defaults(func=cmd_tune)
@@ -368,8 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="compare IRCAN with CAD, prompt baselines and ablations on a test split")
     p.add_argument("recipe", help="the recipe whose attribution store holds neurons.json (after tune)")
-    p.add_argument("--test", required=True, help="test split file (never the recipe's dev file)")
-    p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre"])
+    p.add_argument("--test", help="test split file (never the recipe's dev file); default: the "
+                   "recipe's own test rows when it has [splits]")
+    p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre", "counterfact"])
     p.add_argument("--limit", type=int, help="only the first N test rows")
     p.add_argument("--skip-invalid", action="store_true")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -377,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random-neuron ablations")
     p.add_argument("--out", help="output folder (default export/out/NAME.eval-TEST); reruns resume")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "conflicts", help="build a conflict set from your own QA pairs (those the model answers closed-book)",
+        description="Read JSONL QA pairs (question, answer, optional passage and kind), ask the model "
+        "each question without context, keep the rows it answers, and write generic JSONL whose "
+        "context states another answer of the same kind (in the passage, or one sentence), plus "
+        "OUTPUT.report.json with every dropped row and why.")
+    p.add_argument("input", help="JSONL with question, answer[, passage, kind, id]")
+    p.add_argument("-o", "--output", required=True, help="conflict set to write (generic JSONL)")
+    p.add_argument("--model", default="smollm2", help="folder, hub id, .gguf file or 'smollm2'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the answer substitution")
+    p.set_defaults(func=cmd_conflicts)
 
     p = sub.add_parser("demo", help="RAG demo: original vs patched SmolLM2 behind vLLM, side by side")
     p.add_argument("--recipe", default="export/smollm2-conflicts.toml",

@@ -14,8 +14,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import IrcanError
+from .prompts import PromptTemplate
 
-DataFormat = Literal["auto", "generic", "memotrap", "kre"]
+DataFormat = Literal["auto", "generic", "memotrap", "kre", "counterfact"]
+Rule = Literal["paper", "signed"]
+"""How beta becomes a factor per neuron (see ``selection.NeuronSet.scaled``)."""
 
 
 class _Settings(BaseModel):
@@ -52,6 +55,22 @@ class SelectionConfig(_Settings):
     num_neurons: int = Field(
         4, ge=1, description="h: keep the h neurons that occur in the most examples."
     )
+    rule: Rule = Field(
+        "signed",
+        description="'paper': every selected neuron x beta; 'signed': x beta where the neuron's "
+        "activation times mean gradient, summed over the attribution rows, is positive (scaling it "
+        "up raises P(context's answer)), x 1/beta where negative. Default from the README's "
+        "measurements.",
+    )
+
+
+class Splits(_Settings):
+    """Three disjoint slices of one data file (after the known-facts filter, in file order)."""
+
+    attribution: int = Field(ge=1, description="The first N rows: attribution only.")
+    dev: int = Field(ge=1, description="The next N rows: choosing h, beta and the rule.")
+    test: int | None = Field(None, ge=1, description="At most N of the remaining rows: reporting "
+                             "only (default: all of them).")
 
 
 PAPER_H = list(range(1, 17))
@@ -62,7 +81,7 @@ SMALL_BETA = [0.0, 0.5, 1.5]
 """Erasing and mild scalings, added because large beta collapses small models."""
 
 EVAL_METHODS = ["original", "ircan", "cad", "ircan+cad", "instruction", "opinion", "erase",
-                "random-enhance", "random-erase"]
+                "shrink", "random-enhance", "random-erase"]
 """The methods ``ircan eval`` compares (see ``evaluation/methods.py``)."""
 
 
@@ -73,10 +92,17 @@ class Recipe(_Settings):
     model: str = Field("smollm2", description="Folder, hub id, .gguf file or 'smollm2'.")
     data: str = Field("conflicts", description="Data file, or 'conflicts' for the shipped set.")
     data_format: DataFormat = Field("auto", description="Format of the data file.")
-    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows (without "
+                              "[splits]: they are both the attribution and the dev rows, as in the paper).")
+    splits: Splits | None = Field(None, description="Disjoint attribution / dev / test rows.")
+    known_only: bool = Field(False, description="Keep only rows whose memorized answer the model "
+                             "itself gives without context (the known-facts filter).")
+    prompt: PromptTemplate | None = Field(None, description="The RAG prompt ({context}, {question}; "
+                                          "chat = true for the chat template); default: the format's own.")
     skip_invalid: bool = Field(False, description="Skip bad rows instead of stopping.")
     beta: float = Field(
-        5.0, ge=0, description="beta: factor on the selected down_proj columns (0 erases them)."
+        5.0, ge=0, description="beta: factor on the selected down_proj columns (0 erases them); "
+        "with the signed rule, 1/beta on the neurons that push away from the context's answer."
     )
     attribution: AttributionConfig = AttributionConfig()
     selection: SelectionConfig = SelectionConfig()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,43 +29,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import DataFormat
 from .errors import IrcanError
+from .prompts import COMPLETION_TEMPLATE, MC_INSTRUCTION, MC_TEMPLATE, QA_TEMPLATE, PromptTemplate, encode
+
+__all__ = ["COMPLETION_TEMPLATE", "MC_INSTRUCTION", "MC_TEMPLATE", "QA_TEMPLATE", "PromptTemplate"]
 
 log = logging.getLogger(__name__)
 
 Task = Literal["qa", "completion", "multiple_choice"]
+Renderer = Any  # (question, context | None) -> model input; see :func:`renderer`
 SHIPPED_SET = "conflicts"
 LETTERS = "ABCDEFGHIJ"
 
-
-class PromptTemplate(BaseModel):
-    """How a context and a question become a prompt; stored in the export manifest."""
-
-    model_config = ConfigDict(frozen=True)
-    with_context: str = Field(description="Format string with {context} and {question}.")
-    without_context: str = Field(description="Format string with {question}.")
-
-    def render(self, question: str, context: str | None = None) -> str:
-        """The prompt for ``question``, with ``context`` when one is given."""
-        if context is None:
-            return self.without_context.format(question=question)
-        return self.with_context.format(context=context, question=question)
-
-
-QA_TEMPLATE = PromptTemplate(
-    with_context="Context: {context}\nQuestion: {question}\nAnswer:",
-    without_context="Question: {question}\nAnswer:",
-)
-MC_INSTRUCTION = "Choose the correct option to answer the following question:"
-MC_TEMPLATE = PromptTemplate(
-    with_context=MC_INSTRUCTION + "\n{context}\n{question}\nAnswer:",
-    without_context=MC_INSTRUCTION + "\n{question}\nAnswer:",
-)
 
 TEMPLATES: dict[str, PromptTemplate | None] = {
     "qa": QA_TEMPLATE,
     "multiple_choice": MC_TEMPLATE,
     "completion": None,  # MemoTrap prompts are complete sentences, not context + question
 }
+"""The default prompt template of each task (a recipe may give its own for qa)."""
 """The prompt template of each task, recorded in the export manifest for the RAG wrapper."""
 
 
@@ -81,6 +63,11 @@ class ConflictExample(BaseModel):
     options: list[str] | None = Field(None, description="Option letters for multiple choice.")
     context: str | None = None
     question: str | None = None
+    agreeing_prompt: str | None = Field(
+        None, description="The prompt with a context that states the memorized (true) answer: "
+        "a side-effect check, where following the context must still give the true answer.")
+    locality_prompt: str | None = Field(None, description="An unrelated fact's prompt, no context.")
+    locality_answer: str | None = Field(None, description="Its answer, as it continues the prompt.")
     source: str = Field("", description="file:line the row came from, for error messages.")
 
 
@@ -90,6 +77,8 @@ class LoadedData:
 
     examples: list[ConflictExample]
     skipped: list[str] = field(default_factory=list)
+    template: PromptTemplate | None = None
+    """The prompt template the rows were rendered with (None: the format's fixed prompts)."""
 
     def skip_summary(self) -> str:
         """'skipped 3 rows: 2 missing field ..., 1 empty answer' (empty when none)."""
@@ -120,23 +109,91 @@ def _require(row: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
             raise DataError(f"{where}: empty field {key!r}")
 
 
-def generic_example(row: dict[str, Any], where: str, index: int) -> ConflictExample:
-    """A generic-format row (``context``, ``question``, ``answer``, ``memorized``)."""
+def renderer(template: PromptTemplate, tokenizer: Any = None) -> Renderer:
+    """(question, context | None) -> the model input, for ``template`` (chat mode needs the tokenizer)."""
+    if template.chat and tokenizer is None:
+        raise IrcanError("a chat-mode prompt template needs the model's tokenizer to render prompts")
+    return lambda question, context=None: template.model_input(tokenizer, question, context)
+
+
+def _agreeing_context(context: str, answer: str, memorized: str) -> str | None:
+    """The context with the context's answer replaced by the memorized one (whole words), if it occurs."""
+    pattern = rf"(?<!\w){re.escape(answer.strip())}(?!\w)"
+    if not re.search(pattern, context, re.IGNORECASE):
+        return None
+    return re.sub(pattern, lambda _m: memorized.strip(), context, flags=re.IGNORECASE)
+
+
+def generic_example(row: dict[str, Any], where: str, index: int,
+                    template: PromptTemplate = QA_TEMPLATE, render: Renderer = None) -> ConflictExample:
+    """A generic-format row (``context``, ``question``, ``answer``, ``memorized``).
+
+    Optional: ``agreeing_context`` (a context stating the memorized answer; by default the
+    context with the answer replaced, when it occurs in it), ``locality_prompt`` and
+    ``locality_answer``.
+    """
     _require(row, ("context", "question", "answer", "memorized"), where)
+    render = render or renderer(template)
+    agreeing = row.get("agreeing_context") or _agreeing_context(row["context"], str(row["answer"]),
+                                                                 str(row["memorized"]))
+    locality = row.get("locality_prompt")
     return ConflictExample(
         id=str(row.get("id", f"row-{index}")),
         task="qa",
-        prompt=QA_TEMPLATE.render(row["question"], row["context"]),
-        prompt_without_context=QA_TEMPLATE.render(row["question"]),
-        answer=_continuation(row["answer"]),
-        memorized=_continuation(row["memorized"]),
+        prompt=render(row["question"], row["context"]),
+        prompt_without_context=render(row["question"]),
+        answer=template.continuation(row["answer"]),
+        memorized=template.continuation(row["memorized"]),
         context=row["context"],
         question=row["question"],
+        agreeing_prompt=render(row["question"], agreeing) if agreeing else None,
+        locality_prompt=render(locality) if locality and row.get("locality_answer") else None,
+        locality_answer=template.continuation(row["locality_answer"]) if locality and row.get("locality_answer") else None,
         source=where,
     )
 
 
-def memotrap_example(row: dict[str, Any], where: str, index: int) -> ConflictExample:
+def _statement_start(rephrase: str) -> str:
+    """A CounterFact paraphrase prompt without its junk lead-in ("and Sallie Riley. X is located in")."""
+    parts = re.split(r"(?<=[.!?])\s+", rephrase.strip())
+    return parts[-1] if parts[-1] else rephrase.strip()
+
+
+def counterfact_context(row: dict[str, Any], answer: str) -> str:
+    """The evidence sentence stating ``answer`` for a CounterFact row: its paraphrase prompt,
+    completed ("Michel Denisot's mother tongue is Russian."). The paraphrase, not the prompt
+    itself, so that the question is not answered by copying the context word for word."""
+    return f"{_statement_start(row['rephrase_prompt'])} {answer.strip()}."
+
+
+def counterfact_example(row: dict[str, Any], where: str, index: int,
+                        template: PromptTemplate = COMPLETION_TEMPLATE, render: Renderer = None) -> ConflictExample:
+    """A CounterFact row (EasyEdit layout): a passage stating ``target_new`` conflicts with the
+    memorized ``ground_truth``; the question is the row's ``prompt`` (a sentence start)."""
+    _require(row, ("prompt", "target_new", "ground_truth", "rephrase_prompt"), where)
+    render = render or renderer(template)
+    question = row["prompt"].strip()
+    context = counterfact_context(row, row["target_new"])
+    locality = (row.get("locality_prompt") or "").strip()
+    has_locality = bool(locality and str(row.get("locality_ground_truth") or "").strip())
+    return ConflictExample(
+        id=str(row.get("case_id", row.get("id", f"row-{index}"))),
+        task="qa",
+        prompt=render(question, context),
+        prompt_without_context=render(question),
+        answer=template.continuation(row["target_new"]),
+        memorized=template.continuation(row["ground_truth"]),
+        context=context,
+        question=question,
+        agreeing_prompt=render(question, counterfact_context(row, row["ground_truth"])),
+        locality_prompt=render(locality) if has_locality else None,
+        locality_answer=template.continuation(row["locality_ground_truth"]) if has_locality else None,
+        source=where,
+    )
+
+
+def memotrap_example(row: dict[str, Any], where: str, index: int, template: Any = None,
+                     render: Renderer = None) -> ConflictExample:
     """A MemoTrap row: the instruction before the first ': ' is the context."""
     _require(row, ("prompt", "classes", "answer_index"), where)
     try:
@@ -168,7 +225,8 @@ def memotrap_example(row: dict[str, Any], where: str, index: int) -> ConflictExa
     )
 
 
-def kre_example(row: dict[str, Any], where: str, index: int) -> ConflictExample:
+def kre_example(row: dict[str, Any], where: str, index: int, template: Any = None,
+                render: Renderer = None) -> ConflictExample:
     """A KRE row: a five-option question whose ``negative_context`` argues for ``candidate``."""
     _require(row, ("question", "choices", "negative_context", "candidate", "answer"), where)
     choices = row["choices"]
@@ -195,7 +253,12 @@ def kre_example(row: dict[str, Any], where: str, index: int) -> ConflictExample:
     )
 
 
-_PARSERS = {"generic": generic_example, "memotrap": memotrap_example, "kre": kre_example}
+_PARSERS = {"generic": generic_example, "memotrap": memotrap_example, "kre": kre_example,
+            "counterfact": counterfact_example}
+_TASKS: dict[str, Task] = {"generic": "qa", "counterfact": "qa", "memotrap": "completion",
+                           "kre": "multiple_choice"}
+DEFAULT_TEMPLATES = {"generic": QA_TEMPLATE, "counterfact": COMPLETION_TEMPLATE}
+"""The prompt template a format uses when the recipe gives none (MemoTrap and KRE have fixed ones)."""
 
 
 def _read_rows(path: Path) -> list[tuple[str, Any]]:
@@ -221,9 +284,12 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
 
 
 def detect_format(path: Path) -> DataFormat:
-    """Guess the format from the file: a JSON list is KRE; JSONL rows with 'classes' MemoTrap."""
+    """Guess the format from the file: a JSON list is KRE or CounterFact (rows with
+    'target_new'); JSONL rows with 'classes' are MemoTrap, other JSONL generic."""
     if path.suffix == ".json":
-        return "kre"
+        with path.open(encoding="utf-8") as f:
+            head = f.read(4096)
+        return "counterfact" if '"target_new"' in head else "kre"
     with path.open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
@@ -246,8 +312,13 @@ def load_examples(
     *,
     skip_invalid: bool = False,
     limit: int | None = None,
+    template: PromptTemplate | None = None,
+    tokenizer: Any = None,
 ) -> LoadedData:
     """Read conflict examples from a file, or the shipped set when ``source == 'conflicts'``.
+
+    ``template`` is the recipe's RAG prompt (generic and CounterFact rows; default: the format's
+    own); a chat-mode template renders with ``tokenizer``'s chat template.
 
     Raises:
         DataError: a row is bad and ``skip_invalid`` is false, or no valid row is left.
@@ -256,8 +327,15 @@ def load_examples(
     if not path.is_file():
         raise IrcanError(f"data file {path} does not exist")
     fmt = detect_format(path) if data_format == "auto" else data_format
-    parse = _PARSERS[fmt]
-    loaded = LoadedData(examples=[])
+    if template is not None and fmt not in DEFAULT_TEMPLATES:
+        raise IrcanError(f"{path}: a prompt template applies to generic and CounterFact data, not {fmt}")
+    template = template or DEFAULT_TEMPLATES.get(fmt)
+    render = renderer(template, tokenizer) if template is not None else None
+    parser = _PARSERS[fmt]
+
+    def parse(row: Any, where: str, index: int) -> ConflictExample:
+        return parser(row, where, index, template, render)
+    loaded = LoadedData(examples=[], template=template or TEMPLATES[_TASKS[fmt]])
     seen: set[str] = set()
     for index, (where, row) in enumerate(_read_rows(path)):
         if limit is not None and len(loaded.examples) >= limit:
@@ -291,7 +369,7 @@ def check_prompt_lengths(
     kept: list[ConflictExample] = []
     skipped = list(loaded.skipped)
     for ex in loaded.examples:
-        n = len(tokenizer(ex.prompt + ex.answer)["input_ids"])
+        n = len(encode(tokenizer, ex.prompt + ex.answer))
         if n > max_tokens:
             msg = f"{ex.source}: prompt longer than the model's context ({n} > {max_tokens} tokens)"
             if not skip_invalid:
@@ -301,7 +379,7 @@ def check_prompt_lengths(
         kept.append(ex)
     if not kept:
         raise DataError("no example fits in the model's context")
-    return LoadedData(examples=kept, skipped=skipped)
+    return LoadedData(examples=kept, skipped=skipped, template=loaded.template)
 
 
 def split_examples(

@@ -49,8 +49,9 @@ class Manifest(BaseModel):
     base_source: str = Field(description="The folder or hub id the base weights came from.")
     model_type: str
     served_model_name: str
-    neurons: list[Neuron]
+    neurons: list[Neuron] = Field(description="The reweighted neurons, each with its factor (scale).")
     beta: float
+    rule: str = Field("paper", description="How beta became the neurons' factors (paper, signed).")
     selection: dict[str, Any] = Field(default_factory=dict)
     attribution: dict[str, Any] = Field(default_factory=dict)
     dataset: DatasetInfo | None = None
@@ -106,10 +107,10 @@ def base_folder(source: str) -> Path:
         raise IrcanError(f"could not get the files of {source!r}: {e}") from e
 
 
-def _check_inputs(base: Path, neurons: NeuronSet, beta: float, output: Path, force: bool) -> Any:
+def _check_inputs(base: Path, neurons: NeuronSet, beta: float | None, output: Path, force: bool) -> Any:
     from transformers import AutoConfig
 
-    if beta < 0:
+    if beta is not None and beta < 0:
         raise IrcanError(f"beta must be >= 0, got {beta}")
     if not neurons.neurons:
         raise IrcanError("the neuron set is empty: nothing to reweight")
@@ -131,7 +132,7 @@ def _check_inputs(base: Path, neurons: NeuronSet, beta: float, output: Path, for
 def export_checkpoint(
     base_source: str,
     neurons: NeuronSet,
-    beta: float,
+    beta: float | None,
     output: str | Path,
     *,
     base_model: str | None = None,
@@ -146,19 +147,24 @@ def export_checkpoint(
     Args:
         base_source: a Hugging Face folder with safetensors weights, or a hub id.
         neurons: the neurons to scale (all of them; use ``neurons.top(h)`` to cut).
-        beta: the factor (0 erases the neurons).
+        beta: one factor for every neuron (0 erases them), or None to use each neuron's scale
+            (a set from :meth:`NeuronSet.scaled`, e.g. the signed rule).
         output: the checkpoint folder; never replaced unless ``force``.
     """
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .reweight import scale_neurons
+    from .reweight import neuron_factors, scale_neurons
 
     base = base_folder(base_source)
     output = Path(output)
     config, layout = _check_inputs(base, neurons, beta, output, force)
-    targets = {layout.weight_name(layer): idx for layer, idx in neurons.by_layer().items()}
+    if beta is not None:
+        neurons = neurons.scaled(beta, "paper")
+    factors = neuron_factors(neurons)
+    targets = {layout.weight_name(layer): f for layer, f in factors.items()}
+    beta = neurons.beta if neurons.beta is not None else max(neurons.scales())
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -167,7 +173,8 @@ def export_checkpoint(
             if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and item.name != MANIFEST:
                 shutil.copy2(item, tmp / item.name)
         found: set[str] = set()
-        provenance = {"ircan_beta": repr(beta), "ircan_neurons": json.dumps(neurons.by_layer())}
+        provenance = {"ircan_beta": repr(beta), "ircan_rule": neurons.rule or "paper",
+                      "ircan_neurons": json.dumps({layer: dict(zip(*f)) for layer, f in factors.items()})}
         for shard in sorted(base.glob("*.safetensors")):
             tensors: dict[str, torch.Tensor] = {}
             with safe_open(str(shard), "pt") as f:
@@ -175,7 +182,7 @@ def export_checkpoint(
                 for name in f.keys():
                     tensor = f.get_tensor(name)
                     if name in targets:
-                        tensor = scale_neurons(tensor, targets[name], beta, layout.neuron_axis)
+                        tensor = scale_neurons(tensor, *targets[name], layout.neuron_axis)
                         found.add(name)
                     tensors[name] = tensor
             save_file(tensors, str(tmp / shard.name), metadata={**metadata, "format": "pt", **provenance})
@@ -189,6 +196,7 @@ def export_checkpoint(
             served_model_name=served_model_name or output.name,
             neurons=neurons.neurons,
             beta=beta,
+            rule=neurons.rule or "paper",
             selection=neurons.selection.model_dump(),
             attribution=attribution or {},
             dataset=dataset,
@@ -223,10 +231,11 @@ class VerifyReport(BaseModel):
 
 
 def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyReport:
-    """Check the manifest's hashes and, with ``base``, that only the listed slices changed, by beta.
+    """Check the manifest's hashes and, with ``base``, that only the listed slices changed, each by
+    its factor.
 
     Without ``base`` only the hashes are checked. With it, every tensor is compared to the base:
-    the listed neurons must equal ``base * beta`` (computed as the export does) and everything
+    the listed neurons must equal ``base * scale`` (computed as the export does) and everything
     else must be bit-identical.
     """
     from safetensors import safe_open
@@ -248,12 +257,13 @@ def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyRepo
     if base is None or report.problems:
         return report
 
+    from .reweight import neuron_factors
+
     base_dir = base_folder(resolve_model(base))
     layout = layout_for(manifest.model_type)
-    by_layer: dict[int, list[int]] = {}
-    for n in manifest.neurons:
-        by_layer.setdefault(n.layer, []).append(n.index)
-    targets = {layout.weight_name(layer): sorted(idx) for layer, idx in by_layer.items()}
+    neurons = NeuronSet(neurons=manifest.neurons, selection=manifest.selection or {}, n_examples=0,
+                        beta=manifest.beta)  # a neuron without a scale (format 1) takes the beta
+    targets = {layout.weight_name(layer): f for layer, f in neuron_factors(neurons).items()}
     with ExitStack() as stack:
         base_tensors: dict[str, Any] = {}  # tensor name -> open handle of its base shard
         for shard in base_dir.glob("*.safetensors"):
@@ -264,7 +274,8 @@ def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyRepo
 
 
 def _compare_with_base(folder: Path, manifest: Manifest, base_tensors: dict[str, Any],
-                       targets: dict[str, list[int]], axis: int, report: VerifyReport) -> None:
+                       targets: dict[str, tuple[list[int], list[float]]], axis: int,
+                       report: VerifyReport) -> None:
     import torch
     from safetensors import safe_open
 
@@ -280,8 +291,8 @@ def _compare_with_base(folder: Path, manifest: Manifest, base_tensors: dict[str,
                 original = base_tensors[key].get_tensor(key)
                 expected = original
                 if key in targets:
-                    expected = scale_neurons(original, targets[key], manifest.beta, axis)
-                    report.columns_checked += len(targets[key])
+                    expected = scale_neurons(original, *targets[key], axis)
+                    report.columns_checked += len(targets[key][0])
                 report.tensors_compared += 1
                 if patched.shape != expected.shape or patched.dtype != expected.dtype:
                     report.problems.append(f"{key}: shape or dtype differs from the base")

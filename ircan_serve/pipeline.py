@@ -7,6 +7,8 @@ so every stage can be rerun or inspected alone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 from .attribution import AttributionStore, attribute_examples
 from .config import AttributionConfig, Recipe, SelectionConfig
+from .conflicts import KnownReport, known_facts
 from .data import (
     SHIPPED_SET,
     TEMPLATES,
@@ -24,7 +27,9 @@ from .data import (
     shipped_conflicts_path,
 )
 from .export import DatasetInfo, Manifest, export_checkpoint, sha256_file
+from .errors import IrcanError
 from .models import LoadedModel, load_model
+from .prompts import PromptTemplate
 from .selection import NeuronSet, select_neurons
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ def find_context_neurons(
         store=AttributionStore(store) if store is not None else None,
         header=header, progress=progress,
     )
-    return select_neurons((r.scores for r in results), selection)
+    return select_neurons(results, selection)
 
 
 def max_prompt_tokens(model: Any) -> int:
@@ -62,13 +67,79 @@ def max_prompt_tokens(model: Any) -> int:
 
 def load_checked_data(
     lm: LoadedModel, source: str, data_format: str = "auto", *, skip_invalid: bool = False,
-    limit: int | None = None,
+    limit: int | None = None, template: PromptTemplate | None = None,
 ) -> LoadedData:
-    """Load data and check every prompt fits the model's context."""
-    loaded = load_examples(source, data_format, skip_invalid=skip_invalid, limit=limit)  # type: ignore[arg-type]
+    """Load data (rendered with ``template``, the recipe's prompt) and check every prompt fits."""
+    loaded = load_examples(source, data_format, skip_invalid=skip_invalid, limit=limit,  # type: ignore[arg-type]
+                           template=template, tokenizer=lm.tokenizer)
     return check_prompt_lengths(
         loaded, lm.tokenizer, max_prompt_tokens(lm.model), skip_invalid=skip_invalid
     )
+
+
+@dataclass
+class RecipeData:
+    """A recipe's rows, split: attribution, dev (h, beta, rule) and test (reporting only)."""
+
+    attribution: list[ConflictExample]
+    dev: list[ConflictExample]
+    test: list[ConflictExample]
+    skipped: list[str]
+    template: PromptTemplate | None
+    """The prompt template the rows were rendered with (recorded in the manifest)."""
+    known: KnownReport | None = None
+
+    @property
+    def all(self) -> list[ConflictExample]:
+        return self.attribution + self.dev + self.test
+
+
+def _known_rows(recipe: Recipe, lm: LoadedModel, rows: list[ConflictExample], cache: Path,
+                progress: bool) -> tuple[list[ConflictExample], KnownReport]:
+    """The known-facts filter, cached in ``cache`` (recomputed when model, data or prompts change)."""
+    key = {"model": lm.source, "data": str(recipe.data), "ids": hashlib.sha256(
+        "\n".join(e.id + "\t" + e.prompt_without_context + "\t" + e.memorized for e in rows).encode()).hexdigest()}
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            report = KnownReport.model_validate(saved["report"])
+            keep = set(report.kept_ids)
+            return [e for e in rows if e.id in keep], report
+    kept, report = known_facts(lm.model, lm.tokenizer, rows, progress=progress, source=str(recipe.data))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "report": report.model_dump()}))
+    return kept, report
+
+
+def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
+                out_root: str | Path = "export/out") -> RecipeData:
+    """Load, filter and split a recipe's rows.
+
+    With ``[splits]``: the first rows (after the known-facts filter, in file order) are for
+    attribution, the next for dev, the rest (up to ``test``) for test, disjoint. Without it, the
+    paper's protocol: the ``limit`` rows are both the attribution and the dev rows, and there
+    are no test rows in the file.
+
+    Raises:
+        IrcanError: too few rows for the splits (naming the file and the counts).
+    """
+    data = load_checked_data(lm, recipe.data, recipe.data_format, skip_invalid=recipe.skip_invalid,
+                             limit=None if recipe.splits else recipe.limit, template=recipe.prompt)
+    rows, known = data.examples, None
+    if recipe.known_only:
+        cache = recipe_paths(recipe, out_root).store.with_name(f"{recipe.name}.known.json")
+        rows, known = _known_rows(recipe, lm, rows, cache, progress)
+    if recipe.splits is None:
+        return RecipeData(rows, rows, [], data.skipped, data.template, known)
+    a, d = recipe.splits.attribution, recipe.splits.dev
+    if len(rows) < a + d + 1:
+        raise IrcanError(f"{recipe.data}: {len(rows)} usable rows"
+                         + (f" ({known.kept} of {known.checked} known to the model)" if known else "")
+                         + f", but the splits need {a} attribution + {d} dev + at least 1 test row")
+    test = rows[a + d:]
+    if recipe.splits.test is not None:
+        test = test[: recipe.splits.test]
+    return RecipeData(rows[:a], rows[a : a + d], test, data.skipped, data.template, known)
 
 
 def store_header(lm: LoadedModel, data: str, data_format: str) -> dict[str, Any]:
@@ -111,24 +182,26 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
     if output.exists() and not force:
         raise IrcanError(f"{output} already exists; pass --force to replace it")
     lm = load_model(recipe.model)
-    data = load_checked_data(lm, recipe.data, recipe.data_format,
-                             skip_invalid=recipe.skip_invalid, limit=recipe.limit)
+    data = recipe_data(recipe, lm, progress=progress, out_root=out_root)
     neurons = find_context_neurons(
-        lm.model, lm.tokenizer, data.examples, recipe.attribution, recipe.selection,
+        lm.model, lm.tokenizer, data.attribution, recipe.attribution, recipe.selection,
         store=store, header=store_header(lm, recipe.data, recipe.data_format), progress=progress,
     )
-    neurons = neurons.model_copy(update={"beta": recipe.beta})
+    neurons = neurons.scaled(recipe.beta, recipe.selection.rule)
     neurons_file = store / "neurons.json"
     neurons.save(neurons_file)
     data_path = shipped_conflicts_path() if recipe.data == SHIPPED_SET else Path(recipe.data)
     manifest = export_checkpoint(
-        lm.source, neurons, recipe.beta, output,
+        lm.source, neurons, None, output,
         base_model=recipe.model, served_model_name=recipe.name,
         dataset=DatasetInfo(
-            source=recipe.data, format=recipe.data_format, n_examples=len(data.examples),
+            source=recipe.data, format=recipe.data_format, n_examples=len(data.attribution),
             sha256=sha256_file(data_path) if data_path.is_file() else None,
         ),
         attribution=recipe.attribution.model_dump(),
-        prompt_template=TEMPLATES[data.examples[0].task], force=force,
+        prompt_template=data.template, force=force,
     )
     return RecipeResult(output, store, neurons_file, manifest, data.skipped)
+
+
+

@@ -95,3 +95,60 @@ def test_benchmark_files_load():
     memo = load_examples(SHARED_DATA / "memotrap" / "memo-trap_classification_dev.jsonl")
     cose = load_examples(SHARED_DATA / "kre" / "cose" / "cose_dev.json")
     assert len(memo.examples) == 468 and len(cose.examples) == 610
+
+
+CF_ROW = {"case_id": 12, "prompt": "Michel Denisot spoke the language", "target_new": "Russian",
+          "subject": "Michel Denisot", "ground_truth": "French",
+          "rephrase_prompt": "and Sallie Riley. Michel Denisot's mother tongue is",
+          "locality_prompt": "The native language of Jean-Baptiste Say is", "locality_ground_truth": "French"}
+
+
+def test_counterfact_row_states_target_new(tmp_path):
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([CF_ROW]))
+    assert detect_format(path) == "counterfact"
+    loaded = load_examples(path)
+    ex = loaded.examples[0]
+    # the paraphrase (its junk lead-in dropped) completed with target_new, then the prompt
+    assert ex.context == "Michel Denisot's mother tongue is Russian."
+    assert ex.prompt == "Michel Denisot's mother tongue is Russian.\nMichel Denisot spoke the language"
+    assert ex.prompt_without_context == "Michel Denisot spoke the language"
+    assert (ex.id, ex.answer, ex.memorized) == ("12", " Russian", " French")
+    assert ex.agreeing_prompt == "Michel Denisot's mother tongue is French.\nMichel Denisot spoke the language"
+    assert (ex.locality_prompt, ex.locality_answer) == ("The native language of Jean-Baptiste Say is", " French")
+    assert loaded.template.with_context == "{context}\n{question}"
+
+
+def test_recipe_template_renders_every_prompt(tmp_path):
+    from ircan_serve.prompts import PromptTemplate
+
+    t = PromptTemplate(with_context="Docs:\n{context}\n\nQ: {question}\nA:", without_context="Q: {question}\nA:")
+    ex = load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD]), template=t).examples[0]
+    assert ex.prompt == "Docs:\nThe capital of France is Lyon.\n\nQ: What is the capital of France?\nA:"
+    assert ex.agreeing_prompt == "Docs:\nThe capital of France is Paris.\n\nQ: What is the capital of France?\nA:"
+    with pytest.raises(Exception, match="needs the model's tokenizer"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD]), template=t.model_copy(update={"chat": True}))
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"with_context": "Q: {question}", "without_context": "Q: {question}"}, "no {context} slot"),
+    ({"with_context": "{context} {question}", "without_context": "{context} {question}"}, "no {context}"),
+    ({"with_context": "{context} {question} {answer}", "without_context": "{question}"}, "other than"),
+])
+def test_bad_template_in_a_recipe_names_the_file(tmp_path, fields, problem):
+    from ircan_serve.config import load_recipe
+    from ircan_serve.errors import IrcanError
+
+    body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in fields.items())
+    path = tmp_path / "r.toml"
+    path.write_text(f'model = "smollm2"\n[prompt]\n{body}\n')
+    with pytest.raises(IrcanError, match="r.toml is invalid") as e:
+        load_recipe(path)
+    assert problem in str(e.value)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_counterfact_files_load():
+    for split, n in (("train", 10000), ("val", 1919)):
+        loaded = load_examples(SHARED_DATA / "counterfact" / f"counterfact-{split}.json", skip_invalid=True)
+        assert len(loaded.examples) + len(loaded.skipped) == n and len(loaded.examples) > 0.95 * n

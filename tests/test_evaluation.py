@@ -37,7 +37,7 @@ def test_every_method_runs_on_each_task(tmp_path, tiny_llama, conflicts):
                                 "negative_context": "Fish live in the desert.", "candidate": "B", "answer": "A"}] * 3))
     mc = load_examples(kre).examples
     methods = build_methods(["original", "ircan", "cad", "ircan+cad", "instruction", "opinion", "erase",
-                             "random-enhance"], NEURONS, 3.0, 2, 256, seeds=2)
+                             "shrink", "random-enhance"], NEURONS.scaled(3.0), 2, 256, seeds=2)
     assert [m.seed for m in methods if m.name == "random-enhance"] == [0, 1]
     for rows in (conflicts[:4], mc):
         for m in methods:
@@ -46,14 +46,14 @@ def test_every_method_runs_on_each_task(tmp_path, tiny_llama, conflicts):
             assert (r.generation is None) == (rows[0].task == "multiple_choice")
     assert opinion_prompt(mc[0]).endswith("in Bob's opinion?\nAnswer:")
     with pytest.raises(IrcanError, match="unknown method"):
-        build_methods(["magic"], NEURONS, 2.0, 2, 256, 1)
+        build_methods(["magic"], NEURONS.scaled(2.0), 2, 256, 1)
 
 
 def test_interrupted_eval_keeps_results_and_resumes(tmp_path, tiny_llama, conflicts, monkeypatch):
     import ircan_serve.evaluation.runner as runner
 
     model, tok = tiny_llama.model, tiny_llama.tokenizer
-    methods = build_methods(["original", "ircan", "erase"], NEURONS, 2.0, 2, 256, 1)
+    methods = build_methods(["original", "ircan", "erase"], NEURONS.scaled(2.0), 2, 256, 1)
     original = runner.run_method
     calls = []
 
@@ -79,7 +79,13 @@ def test_interrupted_eval_keeps_results_and_resumes(tmp_path, tiny_llama, confli
     text = report.read_text()
     assert "| ircan |" in text and "Side effects" in text
     assert (tmp_path / "neuron_layers.png").is_file() and (tmp_path / "ablations.png").is_file()
-    assert {r["method"] for r in summarize(data)} == {"original", "ircan", "erase"}
+    rows = {r["method"]: r for r in summarize(data)}
+    assert set(rows) == {"original", "ircan", "erase"}
+    # intervals on every accuracy, the paired test against the original on the same rows
+    lo, hi = rows["ircan"]["first_token.accuracy.ci"]
+    assert lo <= rows["ircan"]["first_token.accuracy"] <= hi
+    assert 0 <= rows["ircan"]["first_token.p_value"] <= 1 and "first_token.p_value" not in rows["original"]
+    assert rows["ircan"]["agreeing.accuracy"] is not None and "agreeing-context accuracy" in text
 
 
 def test_empty_test_split_is_an_error(tmp_path, tiny_llama):

@@ -58,17 +58,24 @@ def test_only_listed_columns_change_by_beta(tmp_path, tiny_llama_dir):
                 assert (a != b).any(dim=0).nonzero().flatten().tolist() == [9]
             else:
                 assert torch.equal(a, b), key
-        assert json.loads(f.metadata()["ircan_neurons"]) == {"0": [9], "1": [5, 200]}
+        assert json.loads(f.metadata()["ircan_neurons"]) == {"0": {"9": 0.0}, "1": {"5": 0.0, "200": 0.0}}
 
 
 def test_verify_detects_tampering(tmp_path, tiny_llama_dir):
     out = tmp_path / "p"
     export_checkpoint(str(tiny_llama_dir), NEURONS, 2.0, out)
     manifest = Manifest.load(out)
-    # same bytes, wrong beta claimed: hashes pass, the column check fails
-    (out / MANIFEST).write_text(manifest.model_copy(update={"beta": 3.0}).model_dump_json())
+    # same bytes, a wrong factor claimed for one neuron: hashes pass, the column check fails
+    wrong = [manifest.neurons[0].model_copy(update={"scale": 3.0}), *manifest.neurons[1:]]
+    (out / MANIFEST).write_text(manifest.model_copy(update={"neurons": wrong}).model_dump_json())
     report = verify_checkpoint(out, base=str(tiny_llama_dir))
     assert not report.ok and any("not base x beta" in p for p in report.problems)
+    # a format-1 manifest (no scale per neuron) is checked against its beta
+    legacy = [n.model_copy(update={"scale": None}) for n in manifest.neurons]
+    (out / MANIFEST).write_text(manifest.model_copy(update={"neurons": legacy}).model_dump_json())
+    assert verify_checkpoint(out, base=str(tiny_llama_dir)).ok
+    (out / MANIFEST).write_text(manifest.model_copy(update={"neurons": legacy, "beta": 3.0}).model_dump_json())
+    assert not verify_checkpoint(out, base=str(tiny_llama_dir)).ok
     # a changed weight file fails the hash check
     (out / MANIFEST).write_text(manifest.model_dump_json())
     with (out / "model.safetensors").open("r+b") as fh:
@@ -97,3 +104,29 @@ def test_failed_export_leaves_nothing(tmp_path, tiny_llama_dir):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(IrcanError, match="not an exported IRCAN checkpoint"):
         verify_checkpoint(tmp_path)
+
+
+def test_signed_scales_are_exported_and_verified(tmp_path, tiny_llama_dir):
+    from ircan_serve.models import load_model
+
+    signed = NeuronSet(neurons=[Neuron(layer=0, index=9, effect=0.3), Neuron(layer=1, index=5, effect=-0.2),
+                                Neuron(layer=1, index=200, effect=0.1)],
+                       selection=SelectionConfig(num_neurons=3), n_examples=1).scaled(4.0, "signed")
+    assert signed.scales() == [4.0, 0.25, 4.0]
+    out = tmp_path / "s"
+    manifest = export_checkpoint(str(tiny_llama_dir), signed, None, out)
+    assert manifest.rule == "signed" and [n.scale for n in manifest.neurons] == [4.0, 0.25, 4.0]
+    with safe_open(str(out / "model.safetensors"), "pt") as f, \
+         safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as g:
+        a, b = f.get_tensor("model.layers.1.mlp.down_proj.weight"), g.get_tensor("model.layers.1.mlp.down_proj.weight")
+        torch.testing.assert_close(a[:, 5], b[:, 5] * 0.25)
+        torch.testing.assert_close(a[:, 200], b[:, 200] * 4.0)
+    assert verify_checkpoint(out, base=str(tiny_llama_dir)).ok
+    patched, base = load_model(str(out)), load_model(str(tiny_llama_dir))
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with reweighted(base.model, signed):
+        torch.testing.assert_close(base.model(ids).logits, patched.model(ids).logits)
+    with pytest.raises(IrcanError, match="signed rule needs beta > 0"):
+        signed.scaled(0.0, "signed")
+    with pytest.raises(IrcanError, match="no effect recorded"):
+        NEURONS.scaled(2.0, "signed")

@@ -35,15 +35,21 @@ def test_agreement_with_itself_is_perfect(tiny_llama, conflicts):
 def test_tune_grid_choice_and_restored_weights(tiny_llama, conflicts):
     model, tok = tiny_llama.model, tiny_llama.tokenizer
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    neurons = NeuronSet(neurons=[Neuron(layer=1, index=i) for i in range(4)],
+    neurons = NeuronSet(neurons=[Neuron(layer=1, index=i, effect=(-1) ** i) for i in range(4)],
                         selection=SelectionConfig(num_neurons=4), n_examples=1)
     result = tune(model, tok, neurons, conflicts[:6], hs=[1, 2, 9], betas=[0.0, 2.0, 500.0],
-                  min_agreement=0.5, progress=False)
-    assert [(p.h, p.beta) for p in result.grid] == [(h, b) for h in (1, 2) for b in (0.0, 2.0, 500.0)]
-    assert result.best is not None and not result.best.collapsed
-    assert all(result.best.dev.accuracy >= p.dev.accuracy for p in result.grid if not p.collapsed)
+                  min_agreement=0.5, max_drop=1.0, progress=False)
+    # signed has no beta = 0 point (1/0); beta = 1 would be the original
+    assert [(p.rule, p.h, p.beta) for p in result.grid] == (
+        [("paper", h, b) for h in (1, 2) for b in (0.0, 2.0, 500.0)]
+        + [("signed", h, b) for h in (1, 2) for b in (2.0, 500.0)])
+    assert result.best is not None and not result.best.collapsed and result.best.beta > 1
+    assert all(result.best.dev.accuracy >= p.dev.accuracy for p in result.grid if not p.collapsed and p.beta > 1)
+    assert result.best_shrink is None or result.best_shrink.beta < 1
     for p in result.grid:
         assert p.collapsed == (p.agreement < 0.5)
+    # the shipped rows carry agreeing contexts, so the side check is measured at every point
+    assert result.original_checks.agreeing is not None and all(p.checks.agreeing is not None for p in result.grid)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -61,3 +67,29 @@ def test_choice_written_into_recipe_keeps_comments(tmp_path):
     write_choice_to_recipe(bare, 2, 0.5)
     r = load_recipe(bare)
     assert (r.beta, r.selection.num_neurons, r.attribution.n_steps) == (0.5, 2, 4)
+
+
+def test_side_check_drop_collapses_a_point(tiny_llama, conflicts):
+    from ircan_serve.evaluation.tuning import SideChecks, _collapse_reason
+
+    base = SideChecks(locality=0.9, agreeing=0.8)
+    assert _collapse_reason(0.95, SideChecks(locality=0.89, agreeing=0.8), base, 0.8, 0.02) == ""
+    assert "locality" in _collapse_reason(0.95, SideChecks(locality=0.85, agreeing=0.8), base, 0.8, 0.02)
+    assert "agreeing" in _collapse_reason(0.95, SideChecks(locality=0.9, agreeing=0.7), base, 0.8, 0.02)
+    assert "agreement" in _collapse_reason(0.5, base, base, 0.8, 0.02)
+
+
+def test_last_position_logits_equal_all_positions(tiny_llama, conflicts):
+    prompts = [e.prompt for e in conflicts[:6]]
+    fast = next_token_logits(tiny_llama.model, tiny_llama.tokenizer, prompts, batch_size=4)
+    full = next_token_logits(tiny_llama.model, tiny_llama.tokenizer, prompts, batch_size=4, all_positions=True)
+    torch.testing.assert_close(fast, full)
+
+
+def test_rule_written_into_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "smollm2"\n[selection]\nnum_neurons = 9\n')
+    write_choice_to_recipe(recipe, 3, 2.0, "signed")
+    assert load_recipe(recipe).selection.rule == "signed"
+    write_choice_to_recipe(recipe, 3, 2.0, "paper")
+    assert load_recipe(recipe).selection.rule == "paper"

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from ..prompts import encode
+
 
 def _left_pad(tokenizer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = [tokenizer(t)["input_ids"] for t in texts]
+    ids = [encode(tokenizer, t) for t in texts]
     width = max(map(len, ids))
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # (B, T)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)  # (B, T)
@@ -104,8 +106,8 @@ def naive_cad_generate(
     device = next(model.parameters()).device
     out = []
     for p, q in zip(prompts, prompts_without_context):
-        a = torch.tensor([tokenizer(p)["input_ids"]], device=device)
-        b = torch.tensor([tokenizer(q)["input_ids"]], device=device)
+        a = torch.tensor([encode(tokenizer, p)], device=device)
+        b = torch.tensor([encode(tokenizer, q)], device=device)
         generated = []
         for _ in range(max_new_tokens):
             logits = cad_logits(model(a, use_cache=False).logits[0, -1].float(),

@@ -1,11 +1,13 @@
 """The methods compared by ``ircan eval``: each is a way to patch the model and/or the prompt.
 
 * ``original``: the base model.
-* ``ircan``: the found neurons scaled by beta.
+* ``ircan``: the found neurons, each scaled by its tuned factor (the enhancement rule).
 * ``cad`` / ``ircan+cad``: context-aware decoding with alpha (default 0.5), alone and on IRCAN.
 * ``instruction``: a prompt that tells the model to rely on the context.
 * ``opinion``: the opinion-based prompt ``Bob said, "{context}" Q: {question} in Bob's opinion?``.
 * ``erase``: the found neurons erased (beta = 0).
+* ``shrink``: the tuned best point with beta < 1 (``tune.json``'s ``best_shrink``), else the
+  found neurons x 0.5 -- reported apart from ``ircan``, which is always an enhancement.
 * ``random-enhance`` / ``random-erase``: as many random neurons, enhanced by beta or erased,
   over several seeds (reported as mean +- std).
 """
@@ -57,14 +59,14 @@ class Method:
 
     name: str
     neurons: NeuronSet | None = None
-    beta: float = 1.0
+    """The neurons to reweight, each with its factor (``NeuronSet.scaled``)."""
     prompt: Any = None  # ConflictExample -> str, or None for the example's own prompt
     cad: bool = False
     seed: int | None = None
 
     @contextmanager
     def patched(self, model: Any) -> Iterator[None]:
-        ctx = reweighted(model, self.neurons, self.beta) if self.neurons is not None else nullcontext()
+        ctx = reweighted(model, self.neurons) if self.neurons is not None else nullcontext()
         with ctx:
             yield
 
@@ -72,29 +74,35 @@ class Method:
         return [self.prompt(e) if self.prompt else e.prompt for e in examples]
 
 
-def build_methods(names: list[str], neurons: NeuronSet, beta: float, n_layers: int, d_ff: int,
-                  seeds: int) -> list[Method]:
-    """The :class:`Method` objects for ``names`` (random ablations expand to one per seed)."""
+def build_methods(names: list[str], neurons: NeuronSet, n_layers: int, d_ff: int,
+                  seeds: int, shrink: NeuronSet | None = None) -> list[Method]:
+    """The :class:`Method` objects for ``names`` (random ablations expand to one per seed).
+
+    ``neurons`` carry their tuned factors; ``shrink`` is the tuned beta < 1 point, if any.
+    """
+    beta = neurons.beta if neurons.beta is not None else max(neurons.scales())
     out: list[Method] = []
     for name in names:
         if name == "original":
             out.append(Method(name))
         elif name == "ircan":
-            out.append(Method(name, neurons, beta))
+            out.append(Method(name, neurons))
         elif name == "cad":
             out.append(Method(name, cad=True))
         elif name == "ircan+cad":
-            out.append(Method(name, neurons, beta, cad=True))
+            out.append(Method(name, neurons, cad=True))
         elif name == "instruction":
             out.append(Method(name, prompt=instruction_prompt))
         elif name == "opinion":
             out.append(Method(name, prompt=opinion_prompt))
         elif name == "erase":
-            out.append(Method(name, neurons, 0.0))
+            out.append(Method(name, neurons.scaled(0.0, "paper")))
+        elif name == "shrink":
+            out.append(Method(name, shrink if shrink is not None else neurons.scaled(0.5, "paper")))
         elif name in ("random-enhance", "random-erase"):
             for seed in range(seeds):
                 rnd = random_neurons(neurons, n_layers, d_ff, seed)
-                out.append(Method(name, rnd, beta if name == "random-enhance" else 0.0, seed=seed))
+                out.append(Method(name, rnd.scaled(beta if name == "random-enhance" else 0.0, "paper"), seed=seed))
         else:
             from ..errors import IrcanError
 

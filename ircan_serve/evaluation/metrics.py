@@ -19,40 +19,61 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ..attribution import answer_token_id
 from ..data import ConflictExample
+from ..prompts import encode
 
 
 class Score(BaseModel):
-    """Accuracy and stubbornness of one method on one data set."""
+    """Accuracy and stubbornness of one method on one data set, with per-row outcomes.
+
+    ``accuracy_ci`` is the 95% Wilson interval; the per-row lists make paired tests
+    (:func:`.stats.mcnemar`) against another method on the same rows possible.
+    """
 
     accuracy: float
     stubbornness: float
     n: int
+    accuracy_ci: tuple[float, float] | None = None
+    correct: list[bool] | None = Field(None, repr=False)
+    stubborn: list[bool] | None = Field(None, repr=False)
 
 
 def score(correct: Sequence[bool], stubborn: Sequence[bool]) -> Score:
+    from .stats import wilson_interval
+
     n = len(correct)
-    return Score(accuracy=sum(correct) / n, stubbornness=sum(stubborn) / n, n=n)
+    k = sum(correct)
+    return Score(accuracy=k / n, stubbornness=sum(stubborn) / n, n=n, accuracy_ci=wilson_interval(k, n),
+                 correct=[bool(c) for c in correct], stubborn=[bool(s) for s in stubborn])
 
 
 @torch.no_grad()
 def next_token_logits(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
-                      batch_size: int = 16) -> torch.Tensor:
-    """(N, V) next-token logits at the end of each prompt, left-padded in batches."""
+                      batch_size: int = 16, *, all_positions: bool = False) -> torch.Tensor:
+    """(N, V) next-token logits at the end of each prompt, left-padded in batches.
+
+    Only the last position's logits are computed (``logits_to_keep=1``, as attribution does):
+    the vocabulary projection of every other position is the bulk of the time and memory on long
+    RAG prompts. ``all_positions=True`` computes them all and keeps the last (the benchmark's
+    baseline; same numbers).
+    """
+    from ..attribution import _last_logits_kwargs
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    keep = {} if all_positions else _last_logits_kwargs(model)
     out = []
     for start in range(0, len(prompts), batch_size):
-        ids = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        ids = [encode(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # (B, T)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                       use_cache=False).logits[:, -1, :]  # (B, V)
+                       use_cache=False, **keep).logits[:, -1, :]  # (B, V)
         out.append(logits.float().cpu())
     return torch.cat(out)
 

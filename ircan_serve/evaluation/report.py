@@ -17,7 +17,12 @@ def _cell(row: dict[str, Any], metric: str) -> str:
     std = row.get(f"{metric}.accuracy.std")
     stub = row[f"{metric}.stubbornness"]
     sstd = row.get(f"{metric}.stubbornness.std")
-    acc_s = f"{acc:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+    ci = row.get(f"{metric}.accuracy.ci")
+    acc_s = f"{acc:.3f}" + (f" ± {std:.3f}" if std is not None else "") + (
+        f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and std is None else "")
+    pv = row.get(f"{metric}.p_value")
+    if pv is not None:
+        acc_s += f" (Δ {row[f'{metric}.difference']:+.3f}, p = {pv:.2g})"
     stub_s = f"{stub:.3f}" + (f" ± {sstd:.3f}" if sstd is not None else "")
     return f"{acc_s} / {stub_s}"
 
@@ -34,6 +39,17 @@ def markdown(data: dict[str, Any], title: str) -> str:
     for r in rows:
         name = r["method"] + (f" ({r['seeds']} seeds)" if r["seeds"] > 1 else "")
         lines.append(f"| {name} | {_cell(r, 'first_token')} |" + (f" {_cell(r, 'generation')} |" if has_gen else ""))
+    checks = [r for r in rows if r.get("locality.accuracy") is not None or r.get("agreeing.accuracy") is not None]
+    if checks:
+        lines += ["", "Side checks (first token; must not drop): locality facts without context, and "
+                  "contexts that state the true answer.", "",
+                  "| method | locality accuracy | agreeing-context accuracy |", "| --- | --- | --- |"]
+        for r in checks:
+            cells = []
+            for m in ("locality", "agreeing"):
+                acc, ci = r.get(f"{m}.accuracy"), r.get(f"{m}.accuracy.ci")
+                cells.append("–" if acc is None else f"{acc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            lines.append(f"| {r['method']} | {cells[0]} | {cells[1]} |")
     fx = data.get("side_effects")
     if fx:
         lines += ["", f"Side effects of IRCAN on the same rows without context: top-1 agreement with the "
@@ -65,11 +81,13 @@ def plots(data: dict[str, Any], out: Path, neurons: list[dict[str, Any]] | None,
         best, grid = tune_grid["best"], tune_grid["grid"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
         for ax, key, fixed, label in ((axes[0], "beta", ("h", best["h"]), "β"), (axes[1], "h", ("beta", best["beta"]), "h")):
-            pts = sorted((p[key], p["dev"]["accuracy"], p["collapsed"]) for p in grid if p[fixed[0]] == fixed[1])
+            pts = sorted((p[key], p["dev"]["accuracy"], p["collapsed"]) for p in grid
+                         if p[fixed[0]] == fixed[1] and p.get("rule", "paper") == best.get("rule", "paper"))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="dev accuracy")
             ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], color="red", zorder=3, label="collapsed")
             ax.axhline(tune_grid["original"]["accuracy"], color="gray", ls="--", label="original")
-            ax.set(xlabel=label, ylabel="dev accuracy", title=f"accuracy vs {label} ({fixed[0]} = {fixed[1]:g})")
+            ax.set(xlabel=label, ylabel="dev accuracy",
+                   title=f"{best.get('rule', 'paper')} rule: accuracy vs {label} ({fixed[0]} = {fixed[1]:g})")
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(out / "tuning.png")

@@ -24,7 +24,7 @@ from ..data import ConflictExample
 from ..errors import IrcanError
 from .decoding import cad_logits, greedy_generate
 from .methods import Method
-from .metrics import (
+from .metrics import (  # noqa: F401
     Score,
     agreement,
     answer_matches,
@@ -43,6 +43,8 @@ class MethodResult(BaseModel):
     seed: int | None = None
     first_token: Score
     generation: Score | None = None
+    locality: Score | None = Field(None, description="Locality facts without context: the true answer's first token.")
+    agreeing: Score | None = Field(None, description="Contexts stating the true answer: its first token.")
     seconds: float
 
 
@@ -90,8 +92,25 @@ def run_method(model: Any, tokenizer: Any, examples: list[ConflictExample], meth
             else:
                 generation = score([answer_matches(t, e.answer) for t, e in zip(texts, examples)],
                                    [answer_matches(t, e.memorized) for t, e in zip(texts, examples)])
+        locality, agreeing = side_scores(model, tokenizer, examples)
     return MethodResult(method=method.name, seed=method.seed, first_token=first, generation=generation,
-                        seconds=time.perf_counter() - t0)
+                        locality=locality, agreeing=agreeing, seconds=time.perf_counter() - t0)
+
+
+def side_scores(model: Any, tokenizer: Any, examples: list[ConflictExample]) -> tuple[Score | None, Score | None]:
+    """(locality, agreeing-context) first-token scores of the model as it is, where rows have them."""
+    out: list[Score | None] = []
+    for prompt_of, answer_of in ((lambda e: e.locality_prompt, lambda e: e.locality_answer),
+                                 (lambda e: e.agreeing_prompt, lambda e: e.memorized)):
+        rows = [e for e in examples if prompt_of(e) and answer_of(e)]
+        if not rows:
+            out.append(None)
+            continue
+        prompts = [prompt_of(e) for e in rows]
+        top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()
+        hits = [t == answer_token_id(tokenizer, p, answer_of(e)) for t, p, e in zip(top, prompts, rows)]
+        out.append(score(hits, [False] * len(hits)))
+    return out[0], out[1]
 
 
 def side_effects(model: Any, tokenizer: Any, examples: list[ConflictExample], method: Method) -> SideEffects:
@@ -154,18 +173,29 @@ def evaluate(model: Any, tokenizer: Any, examples: list[ConflictExample], method
 
 
 def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per method name: mean (and std over seeds) of each metric."""
+    """One row per method name: mean (and std over seeds) of each metric; for single runs the
+    95% interval and the exact McNemar test against ``original`` on the same rows."""
+    from .stats import mcnemar
+
     rows: dict[str, list[dict[str, Any]]] = {}
     for m in data["methods"]:
         rows.setdefault(m["method"], []).append(m)
+    original = rows.get("original", [None])[0]
     out = []
     for name, runs in rows.items():
         row: dict[str, Any] = {"method": name, "seeds": len(runs)}
-        for metric in ("first_token", "generation"):
+        for metric in ("first_token", "generation", "locality", "agreeing"):
             for field in ("accuracy", "stubbornness"):
                 values = [r[metric][field] for r in runs if r.get(metric)]
                 if values:
                     row[f"{metric}.{field}"] = statistics.fmean(values)
                     row[f"{metric}.{field}.std"] = statistics.pstdev(values) if len(values) > 1 else None
+            one = runs[0].get(metric) if len(runs) == 1 else None
+            if one and one.get("accuracy_ci"):
+                row[f"{metric}.accuracy.ci"] = one["accuracy_ci"]
+            base = original.get(metric) if original and name != "original" else None
+            if one and base and one.get("correct") is not None and base.get("correct") is not None:
+                test = mcnemar(base["correct"], one["correct"])
+                row[f"{metric}.difference"], row[f"{metric}.p_value"] = test.difference, test.p_value
         out.append(row)
     return out

@@ -1,10 +1,10 @@
-"""``ircan tune``: choose h and beta on the dev split with reversible in-memory reweighting.
+"""``ircan tune``: choose the rule, h and beta on the dev split with reversible in-memory reweighting.
 
 Every grid point patches one loaded model inside :func:`~ircan_serve.reweight.reweighted`, scores
-the dev rows with the task's logit metric, and checks the patched model against the original on
-the same rows *without* context (top-1 agreement, KL). Points whose agreement falls below
-``min_agreement`` are marked as collapsed and never chosen: large h with large beta breaks small
-models (../shared/FINDINGS.md).
+the dev rows with the task's logit metric, and checks the patched model against the original:
+on the same rows *without* context (top-1 agreement, KL), on the rows' locality facts and on
+contexts that agree with the true answer. Points that fail a check are marked as collapsed and
+never chosen: large h with large beta breaks small models (../shared/FINDINGS.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..config import PAPER_BETA, PAPER_H, SMALL_BETA
+from ..attribution import answer_token_id
+from ..config import PAPER_BETA, PAPER_H, SMALL_BETA, Rule
 from ..data import ConflictExample
 from ..errors import IrcanError
 from ..reweight import reweighted
@@ -24,38 +25,97 @@ from .metrics import Score, agreement, logit_score, next_token_logits
 
 
 
+class SideChecks(BaseModel):
+    """Accuracy where the patched model must keep the original's answers (first token)."""
+
+    locality: float | None = Field(None, description="Locality facts without context (true answer).")
+    agreeing: float | None = Field(None, description="Contexts that state the true answer.")
+
+
 class GridPoint(BaseModel):
+    rule: Rule = "paper"
     h: int
     beta: float
     dev: Score
     agreement: float = Field(description="Top-1 agreement with the original, prompts without context.")
     kl: float = Field(description="Mean KL(original || patched), prompts without context.")
+    checks: SideChecks = SideChecks()
     collapsed: bool
+    reason: str = ""
+
+    @property
+    def enhancing(self) -> bool:
+        return self.beta > 1
 
 
 class TuneResult(BaseModel):
     """The grid, the original model's dev score, and the choice."""
 
     original: Score
+    original_checks: SideChecks = SideChecks()
     grid: list[GridPoint]
     best: GridPoint | None
+    """The best non-collapsed *enhancing* point (beta > 1): what the product ships as "ircan"."""
+    best_shrink: GridPoint | None = None
+    """The best non-collapsed point with beta < 1 (erasing or weakening), reported apart."""
     min_agreement: float
+    max_drop: float = 0.02
     seconds: float
 
     def table(self) -> list[list[str]]:
         rows = []
         for p in self.grid:
-            rows.append([str(p.h), f"{p.beta:g}", f"{p.dev.accuracy:.3f}", f"{p.dev.stubbornness:.3f}",
-                         f"{p.agreement:.2f}", f"{p.kl:.3f}", "collapsed" if p.collapsed else ""])
+            rows.append([p.rule, str(p.h), f"{p.beta:g}", f"{p.dev.accuracy:.3f}", f"{p.dev.stubbornness:.3f}",
+                         f"{p.agreement:.2f}", _fmt(p.checks.locality), _fmt(p.checks.agreeing), f"{p.kl:.3f}",
+                         p.reason])
         return rows
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _side_checks(model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> SideChecks:
+    loc = [e for e in dev if e.locality_prompt and e.locality_answer]
+    agr = [e for e in dev if e.agreeing_prompt]
+    locality = agreeing = None
+    if loc:
+        prompts = [e.locality_prompt for e in loc]
+        top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()  # type: ignore[arg-type]
+        locality = sum(t == answer_token_id(tokenizer, p, e.locality_answer)  # type: ignore[arg-type]
+                       for t, p, e in zip(top, prompts, loc)) / len(loc)
+    if agr:
+        prompts = [e.agreeing_prompt for e in agr]
+        top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()  # type: ignore[arg-type]
+        agreeing = sum(t == answer_token_id(tokenizer, p, e.memorized)  # type: ignore[arg-type]
+                       for t, p, e in zip(top, prompts, agr)) / len(agr)
+    return SideChecks(locality=locality, agreeing=agreeing)
+
+
+def _collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agreement: float,
+                     max_drop: float) -> str:
+    reasons = []
+    if agree < min_agreement:
+        reasons.append(f"agreement {agree:.2f} < {min_agreement}")
+    for name in ("locality", "agreeing"):
+        now, before = getattr(checks, name), getattr(base, name)
+        if now is not None and before is not None and before - now > max_drop:
+            reasons.append(f"{name} -{before - now:.3f}")
+    return "; ".join(reasons)
 
 
 def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictExample], *,
          hs: Sequence[int] = PAPER_H, betas: Sequence[float] = SMALL_BETA + PAPER_BETA,
-         min_agreement: float = 0.8, progress: bool = True) -> TuneResult:
-    """Grid-search h and beta on ``dev``; the best non-collapsed point by dev accuracy.
+         rules: Sequence[Rule] = ("paper", "signed"), min_agreement: float = 0.8,
+         max_drop: float = 0.02, progress: bool = True) -> TuneResult:
+    """Grid-search the rule, h and beta on ``dev``.
 
-    Ties are broken by lower stubbornness, then smaller h, then beta closer to 1.
+    A point is *collapsed* (never chosen) when its top-1 agreement with the original on the dev
+    prompts without context falls below ``min_agreement``, or when accuracy on the dev rows'
+    locality facts or agreeing contexts drops by more than ``max_drop`` (where the rows have
+    them). ``best`` is the best remaining enhancing point (beta > 1) by dev accuracy, ties broken
+    by lower stubbornness, smaller h, beta closer to 1; ``best_shrink`` the same among beta < 1.
+    The signed rule skips beta = 0 (it would need 1/0) and beta = 1 is the original for both.
     """
     from tqdm.auto import tqdm
 
@@ -68,22 +128,32 @@ def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictE
     plain = [e.prompt_without_context for e in dev]
     reference = next_token_logits(model, tokenizer, plain)
     original = logit_score(model, tokenizer, dev)
+    base_checks = _side_checks(model, tokenizer, dev)
+    points = [(r, h, b) for r in rules for h in hs for b in betas if b != 1 and not (r == "signed" and b == 0)]
     grid = []
-    for h, beta in tqdm([(h, b) for h in hs for b in betas], desc="tune h x beta", disable=not progress):
-        with reweighted(model, neurons.top(h), beta):
+    for rule, h, beta in tqdm(points, desc="tune rule x h x beta", disable=not progress):
+        with reweighted(model, neurons.top(h).scaled(beta, rule)):
             dev_score = logit_score(model, tokenizer, dev)
             agree, kl = agreement(model, tokenizer, plain, reference)
-        grid.append(GridPoint(h=h, beta=beta, dev=dev_score, agreement=agree, kl=kl,
-                              collapsed=agree < min_agreement))
-    candidates = [p for p in grid if not p.collapsed]
-    best = max(candidates, key=lambda p: (p.dev.accuracy, -p.dev.stubbornness, -p.h, -abs(p.beta - 1)),
-               default=None)
-    return TuneResult(original=original, grid=grid, best=best, min_agreement=min_agreement,
-                      seconds=time.perf_counter() - t0)
+            checks = _side_checks(model, tokenizer, dev)
+        reason = _collapse_reason(agree, checks, base_checks, min_agreement, max_drop)
+        grid.append(GridPoint(rule=rule, h=h, beta=beta, dev=dev_score, agreement=agree, kl=kl,
+                              checks=checks, collapsed=bool(reason), reason=reason))
+
+    def pick(cands: list[GridPoint]) -> GridPoint | None:
+        return max(cands, key=lambda p: (p.dev.accuracy, -p.dev.stubbornness, -p.h, -abs(p.beta - 1)),
+                   default=None)
+
+    ok = [p for p in grid if not p.collapsed]
+    return TuneResult(original=original, original_checks=base_checks, grid=grid,
+                      best=pick([p for p in ok if p.enhancing]),
+                      best_shrink=pick([p for p in ok if p.beta < 1]), min_agreement=min_agreement,
+                      max_drop=max_drop, seconds=time.perf_counter() - t0)
 
 
-def write_choice_to_recipe(path: Any, h: int, beta: float) -> None:
-    """Set ``beta`` (top level) and ``[selection] num_neurons`` in a recipe file, keeping its comments."""
+def write_choice_to_recipe(path: Any, h: int, beta: float, rule: str | None = None) -> None:
+    """Set ``beta`` (top level), ``[selection] num_neurons`` and ``rule`` in a recipe file,
+    keeping its comments."""
     import re
     from pathlib import Path
 
@@ -100,6 +170,8 @@ def write_choice_to_recipe(path: Any, h: int, beta: float) -> None:
             lines[i], _ = f"beta = {beta!r}", seen.add("beta")
         elif key and (section, key.group(1)) == ("selection", "num_neurons"):
             lines[i], _ = f"num_neurons = {h}", seen.add("h")
+        elif key and rule and (section, key.group(1)) == ("selection", "rule"):
+            lines[i], _ = f'rule = "{rule}"', seen.add("rule")
     if "beta" not in seen:
         first_table = next((i for i, l in enumerate(lines) if re.match(r"\s*\[", l)), len(lines))
         lines.insert(first_table, f"beta = {beta!r}")
@@ -109,4 +181,7 @@ def write_choice_to_recipe(path: Any, h: int, beta: float) -> None:
             lines += ["", "[selection]", f"num_neurons = {h}"]
         else:
             lines.insert(at + 1, f"num_neurons = {h}")
+    if rule and "rule" not in seen:
+        at = next(i for i, l in enumerate(lines) if re.match(r"\s*\[selection\]", l))
+        lines.insert(at + 1, f'rule = "{rule}"')
     path.write_text("\n".join(lines) + "\n")

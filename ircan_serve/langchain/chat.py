@@ -115,6 +115,9 @@ class ChatIrcan(IrcanClientParams, BaseChatModel):
             if last is None:
                 raise IrcanError("a context was given but there is no human message to attach it to")
             out[last]["content"] = self._with_context(out[last]["content"], context)
+        template = self.prompt_template
+        if template is not None and template.system and not any(m["role"] == "system" for m in out):
+            out.insert(0, {"role": "system", "content": template.system})  # as attribution rendered it
         return out
 
     def _result(self, response: Any) -> ChatResult:

@@ -12,7 +12,6 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.language_models import BaseLanguageModel
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import PromptTemplate as LCPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
@@ -93,7 +92,9 @@ def make_rag_chain(retriever: BaseRetriever, llm: BaseLanguageModel,
     ``template`` defaults to the LLM's ``prompt_template`` (from the checkpoint's manifest).
     """
     template = template or getattr(llm, "prompt_template", None) or QA_TEMPLATE
-    prompt = LCPromptTemplate.from_template(template.with_context)
+    # The prompt is rendered by the same code as attribution's (ircan_serve.prompts), not by a
+    # second template engine; a chat model gets it as the user message, as ChatIrcan's context slot does.
+    prompt = RunnableLambda(lambda x: template.render(x["question"], x["context"]))
     answer = prompt | llm | StrOutputParser() | RunnableLambda(first_line)
     return (
         {"context": retriever | format_docs, "question": RunnablePassthrough()}
