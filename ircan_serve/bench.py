@@ -6,6 +6,7 @@ Benchmarks never assert timings (tests check behaviour); they print what they me
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -140,13 +141,18 @@ def run(ns: argparse.Namespace) -> None:
     from rich.table import Table
 
     if ns.bench == "eval":
-        r = bench_eval(ns.model, ns.rows, ns.max_tokens, ns.grid_rows)
+        r = bench_eval(ns.model, ns.rows, ns.max_tokens, ns.grid_rows, ns.grid_tokens)
         console = Console(width=140)
         console.print(f"CAD (alpha 0.5), {r['rows']} prompts x {r['tokens']} tokens, one run: "
                       f"naive {r['cad_naive_s']:.2f} s, cached {r['cad_cached_s']:.2f} s, "
                       f"speed-up {r['cad_naive_s'] / r['cad_cached_s']:.1f}x, identical outputs: {bool(r['same_output'])}")
-        console.print(f"tuning grid: {r['grid_points']} (h, beta) points on {r['grid_rows']} dev rows in "
-                      f"{r['grid_s']:.0f} s ({r['grid_s'] / r['grid_points']:.2f} s per point)")
+        console.print(f"one scoring pass, {r['rag_rows']} RAG prompts of ~{r['rag_tokens']} tokens: all positions "
+                      f"{r['score_all_s']:.1f} s / {r['score_all_mib']:.0f} MiB, last position only "
+                      f"{r['score_last_s']:.1f} s / {r['score_last_mib']:.0f} MiB: "
+                      f"{r['score_all_s'] / r['score_last_s']:.1f}x faster (max logit diff {r['score_max_diff']:.1e})")
+        console.print(f"tuning grid of {r['grid_points']} points on those rows: all positions {r['grid_all_s']:.0f} s, "
+                      f"last position {r['grid_s']:.0f} s: {r['grid_all_s'] / r['grid_s']:.1f}x "
+                      f"(same dev accuracies: {bool(r['grid_same'])})")
         return
     if ns.bench == "serve":
         print_serve(bench_serve(ns.checkpoint, ns.base, ns.concurrency, ns.max_tokens), ns.concurrency)
@@ -278,10 +284,38 @@ def print_serve(results: list[LoadResult], levels: list[int]) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def bench_eval(model_spec: str, rows: int, max_new_tokens: int, grid_rows: int) -> dict[str, float]:
-    """CAD with two KV-cached streams vs naive CAD (full re-run per token), and the tuning grid."""
+def rag_examples(tokenizer: Any, n: int, n_tokens: int) -> list[ConflictExample]:
+    """``n`` shipped conflicts, each with its context padded by other facts to about ``n_tokens``
+    tokens (RAG-sized prompts; the agreeing context padded alike)."""
+    from .data import _agreeing_context
+
+    examples = load_examples("conflicts").examples
+    facts = [e.context for e in examples if e.context]
+    out = []
+    for i in range(n):
+        e = examples[i % len(examples)]
+        context, j = e.context or "", i
+        while len(tokenizer(QA_TEMPLATE.render(e.question or "", context))["input_ids"]) < n_tokens:
+            context = facts[j % len(facts)] + " " + context
+            j += 7
+        agreeing = _agreeing_context(context, e.answer, e.memorized)
+        out.append(e.model_copy(update={
+            "id": f"rag-{i}", "context": context, "prompt": QA_TEMPLATE.render(e.question or "", context),
+            "agreeing_context": agreeing,
+            "agreeing_prompt": QA_TEMPLATE.render(e.question or "", agreeing) if agreeing else None}))
+    return out
+
+
+def bench_eval(model_spec: str, rows: int, max_new_tokens: int, grid_rows: int,
+               grid_tokens: int = 250) -> dict[str, float]:
+    """CAD with two KV-cached streams vs naive CAD (full re-run per token); then, on ``grid_rows``
+    RAG prompts of ``grid_tokens`` tokens, one scoring pass and a small tuning grid with
+    last-position logits vs all positions."""
+    from unittest import mock
+
     from .attribution import attribute_examples
-    from .config import PAPER_BETA, PAPER_H, SelectionConfig
+    from .config import SelectionConfig
+    from .evaluation import metrics, tuning
     from .evaluation.decoding import greedy_generate, naive_cad_generate
     from .evaluation.tuning import tune
     from .models import load_model
@@ -296,10 +330,24 @@ def bench_eval(model_spec: str, rows: int, max_new_tokens: int, grid_rows: int) 
     fast, fast_s, _ = timed(lambda: greedy_generate(model, tok, prompts, max_new_tokens, cad_alpha=0.5,
                                                     prompts_without_context=plain))
     naive, naive_s, _ = timed(lambda: naive_cad_generate(model, tok, prompts, plain, max_new_tokens, 0.5))
-    dev = examples[:grid_rows]
-    scores = [r.scores for r in attribute_examples(model, tok, dev, progress=False)]
-    neurons = select_neurons(scores, SelectionConfig(num_neurons=max(PAPER_H)))
-    result = tune(model, tok, neurons, dev, hs=PAPER_H, betas=PAPER_BETA, progress=False)
+
+    dev = rag_examples(tok, grid_rows, grid_tokens)
+    rag_prompts = [e.prompt for e in dev]
+    last, last_s, last_mib = timed(lambda: metrics.next_token_logits(model, tok, rag_prompts))
+    full_fn = functools.partial(metrics.next_token_logits, all_positions=True)
+    full, full_s, full_mib = timed(lambda: full_fn(model, tok, rag_prompts))
+    neurons = select_neurons(attribute_examples(model, tok, examples[:8], progress=False),
+                             SelectionConfig(num_neurons=4))
+    grid = dict(hs=[1, 4], betas=[2.0], rules=("paper", "signed"), progress=False)
+    result = tune(model, tok, neurons, dev, **grid)
+    with mock.patch.object(metrics, "next_token_logits", full_fn), \
+         mock.patch.object(tuning, "next_token_logits", full_fn):
+        result_full = tune(model, tok, neurons, dev, **grid)
+    same = [p.dev.accuracy for p in result.grid] == [p.dev.accuracy for p in result_full.grid]
     return {"rows": rows, "tokens": max_new_tokens, "cad_cached_s": fast_s, "cad_naive_s": naive_s,
-            "same_output": float(fast == naive), "grid_points": len(result.grid), "grid_rows": grid_rows,
-            "grid_s": result.seconds}
+            "same_output": float(fast == naive),
+            "rag_rows": grid_rows, "rag_tokens": grid_tokens,
+            "score_last_s": last_s, "score_all_s": full_s, "score_last_mib": last_mib, "score_all_mib": full_mib,
+            "score_max_diff": float((last - full).abs().max()),
+            "grid_points": len(result.grid), "grid_s": result.seconds, "grid_all_s": result_full.seconds,
+            "grid_same": float(same)}

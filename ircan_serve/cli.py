@@ -323,9 +323,23 @@ def cmd_conflicts(ns: argparse.Namespace) -> None:
 
 
 def cmd_demo(ns: argparse.Namespace) -> None:
-    from .demo import print_demo, run_demo
+    import json as _json
 
-    print_demo(run_demo(ns.checkpoint, ns.recipe, base=ns.base))
+    from .config import load_recipe
+    from .demo import print_demo, run_demo
+    from .pipeline import recipe_paths
+
+    recipes = ns.recipe or ["export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml"]
+    sets = []
+    for r in recipes:
+        checkpoint = recipe_paths(load_recipe(r)).output
+        if not checkpoint.is_dir():
+            raise IrcanError(f"{checkpoint} does not exist; build it with `ircan export {r}`")
+        sets.append((checkpoint, r))
+    summaries = print_demo(run_demo(sets, base=ns.base))
+    if ns.out:
+        Path(ns.out).write_text(_json.dumps(summaries, indent=2))
+        print(f"written: {ns.out}")
 
 
 def cmd_bench(ns: argparse.Namespace) -> None:
@@ -438,10 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_conflicts)
 
     p = sub.add_parser("demo", help="RAG demo: original vs patched SmolLM2 behind vLLM, side by side")
-    p.add_argument("--recipe", default="export/smollm2-conflicts.toml",
-                   help="the recipe the checkpoint was built with (its held-out rows are asked)")
-    p.add_argument("--checkpoint", default="export/out/smollm2-conflicts")
+    p.add_argument("--recipe", action="append",
+                   help="a recipe whose checkpoint (export/out/NAME) is compared on its held-out rows; "
+                        "repeat for several (default: smollm2-conflicts and smollm2-counterfact)")
     p.add_argument("--base", default="smollm2", help="the original model to compare with")
+    p.add_argument("--out", default="export/out/demo.json", help="where to write the rates and tests (JSON)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
@@ -458,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="smollm2")
     b.add_argument("--rows", type=int, default=16, help="prompts for the CAD comparison")
     b.add_argument("--max-tokens", type=int, default=10)
-    b.add_argument("--grid-rows", type=int, default=16, help="dev rows for the h x beta grid")
+    b.add_argument("--grid-rows", type=int, default=200, help="RAG-sized dev rows for the scoring pass and grid")
+    b.add_argument("--grid-tokens", type=int, default=250, help="tokens per RAG-sized dev prompt")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("serve", help="vLLM throughput/latency: patched vs base, wrapper vs raw client")
     b.add_argument("--checkpoint", default="export/out/smollm2-conflicts")

@@ -63,6 +63,7 @@ class ConflictExample(BaseModel):
     options: list[str] | None = Field(None, description="Option letters for multiple choice.")
     context: str | None = None
     question: str | None = None
+    agreeing_context: str | None = Field(None, description="A context that states the memorized (true) answer.")
     agreeing_prompt: str | None = Field(
         None, description="The prompt with a context that states the memorized (true) answer: "
         "a side-effect check, where following the context must still give the true answer.")
@@ -146,6 +147,7 @@ def generic_example(row: dict[str, Any], where: str, index: int,
         memorized=template.continuation(row["memorized"]),
         context=row["context"],
         question=row["question"],
+        agreeing_context=agreeing,
         agreeing_prompt=render(row["question"], agreeing) if agreeing else None,
         locality_prompt=render(locality) if locality and row.get("locality_answer") else None,
         locality_answer=template.continuation(row["locality_answer"]) if locality and row.get("locality_answer") else None,
@@ -185,6 +187,7 @@ def counterfact_example(row: dict[str, Any], where: str, index: int,
         memorized=template.continuation(row["ground_truth"]),
         context=context,
         question=question,
+        agreeing_context=counterfact_context(row, row["ground_truth"]),
         agreeing_prompt=render(question, counterfact_context(row, row["ground_truth"])),
         locality_prompt=render(locality) if has_locality else None,
         locality_answer=template.continuation(row["locality_ground_truth"]) if has_locality else None,

@@ -50,6 +50,36 @@ def test_scores_are_delta_times_mean_gradient_for_one_step(tiny_llama, conflicts
     (g,) = torch.autograd.grad(p, x)
     torch.testing.assert_close(result.scores[1], (a - a0) * g, rtol=1e-5, atol=1e-9)
     assert result.scores[0].abs().sum() == 0  # unscored layer
+    # the effect (what the signed rule reads) is a * gradient; with m = 1 the gradient is taken at a
+    moved = (a - a0) != 0
+    torch.testing.assert_close(result.effect()[1][moved], (a * g)[moved], rtol=1e-4, atol=1e-9)
+
+
+def test_effect_predicts_the_direction_of_scaling(tiny_llama, conflicts):
+    """Scaling a neuron's output column by beta changes P(answer) by about (beta - 1) * a * g:
+    the sign the signed rule relies on, checked by really scaling the columns."""
+    from ircan_serve.attribution import _ids
+    from ircan_serve.reweight import reweighted
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    ex = conflicts[5]
+    result = ContextAwareIntegratedGradients(model, tok).attribute(ex, AttributionConfig(n_steps=20))
+    ids = _ids(tok, ex.prompt, torch.device("cpu"))
+
+    def prob() -> float:
+        with torch.no_grad():
+            return torch.softmax(model(ids).logits[0, -1], -1)[result.answer_token].item()
+
+    p0 = prob()
+    effect = result.effect()
+    top = effect.abs().flatten().argsort(descending=True)[:5].tolist()
+    d_ff = effect.shape[1]
+    for flat in top:
+        layer, index = divmod(flat, d_ff)
+        with reweighted(model, {layer: [index]}, beta=1.05):
+            change = prob() - p0
+        # IG's mean gradient is along the path, not at a: the sign, not the size, must agree
+        assert change * effect[layer, index].item() > 0, (layer, index)
 
 
 def test_bad_layers_rejected(tiny_llama, conflicts):
@@ -98,3 +128,44 @@ def test_store_refuses_other_settings(tmp_path, tiny_llama, conflicts):
         attribute_examples(tiny_llama.model, tiny_llama.tokenizer, conflicts[:1],
                            AttributionConfig(n_steps=5), store=store, header={"model": "tiny"},
                            progress=False)
+
+
+def test_version_1_store_is_readable_for_the_paper_rule_only(tmp_path, tiny_llama, conflicts):
+    """A store written before activations were kept: select works, the signed rule and resuming
+    give errors that say what to do."""
+    import json
+
+    from ircan_serve.config import SelectionConfig
+    from ircan_serve.selection import select_neurons
+
+    store = AttributionStore(tmp_path / "old")
+    records = attribute_examples(tiny_llama.model, tiny_llama.tokenizer, conflicts[:2],
+                                 AttributionConfig(n_steps=2), store=store, progress=False)
+    header = json.loads(store.header_path.read_text())
+    header.pop("store_version")
+    store.header_path.write_text(json.dumps(header))
+    for r in records:  # rewrite each record as version 1 did: scores only
+        r.activations_with = r.activations_without = None
+        store.put(r)
+    old = store.all()
+    assert len(old) == 2 and old[0].activations_with is None
+    neurons = select_neurons(old, SelectionConfig(num_neurons=2))
+    assert neurons.neurons[0].effect is None
+    neurons.scaled(2.0, "paper")
+    with pytest.raises(IrcanError, match="no effect recorded.*version 2"):
+        neurons.scaled(2.0, "signed")
+    with pytest.raises(IrcanError, match="version 1.*attribute into a new folder"):
+        attribute_examples(tiny_llama.model, tiny_llama.tokenizer, conflicts[:3], AttributionConfig(n_steps=2),
+                           store=store, progress=False)
+    with pytest.raises(IrcanError, match="version 2"):
+        old[0].effect()
+
+
+def test_unreadable_record_names_its_file(tmp_path, tiny_llama, conflicts):
+    store = AttributionStore(tmp_path / "s")
+    attribute_examples(tiny_llama.model, tiny_llama.tokenizer, conflicts[:1], AttributionConfig(n_steps=2),
+                       store=store, progress=False)
+    path = store._file(conflicts[0].id)
+    path.write_bytes(b"garbage")
+    with pytest.raises(IrcanError, match="unreadable.*delete it"):
+        store.get(conflicts[0].id)

@@ -63,3 +63,43 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "not an attribution store" in capsys.readouterr().err
     assert main(["attribute", "--store", str(tmp_path / "s"), "--n-steps", "0"]) == 2
     assert "n_steps" in capsys.readouterr().err
+
+
+def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
+    """The honest protocol on a tiny model: disjoint attribution / dev / test rows, the recipe's own
+    prompt, tune over both rules, eval on the test split with intervals and the paired test."""
+    from ircan_serve.config import load_recipe
+    from ircan_serve.data import shipped_conflicts_path
+    from ircan_serve.models import load_model
+    from ircan_serve.pipeline import recipe_data
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(shipped_conflicts_path().read_text().splitlines(True)[:12]))
+    recipe = tmp_path / "split.toml"
+    recipe.write_text(f'model = "{tiny_llama_dir}"\ndata = "d.jsonl"\nbeta = 2.0\noutput = "{tmp_path / "ckpt"}"\n'
+                      '[prompt]\nwith_context = "Docs: {context}\\nQ: {question}\\nA:"\nwithout_context = "Q: {question}\\nA:"\n'
+                      '[splits]\nattribution = 4\ndev = 3\n[attribution]\nn_steps = 3\n[selection]\nnum_neurons = 2\n')
+    r = load_recipe(recipe)
+    split = recipe_data(r, load_model(str(tiny_llama_dir)))
+    ids = [[e.id for e in part] for part in (split.attribution, split.dev, split.test)]
+    assert [len(i) for i in ids] == [4, 3, 5] and len(set(sum(ids, []))) == 12
+    assert split.dev[0].prompt.startswith("Docs: ")
+    assert main(["export", str(recipe)]) == 0
+    manifest = Manifest.load(tmp_path / "ckpt")
+    assert manifest.dataset.n_examples == 4 and manifest.prompt_template.with_context.startswith("Docs:")
+    assert manifest.rule == "signed" and {n.scale for n in manifest.neurons} <= {2.0, 0.5}
+    capsys.readouterr()
+    assert main(["tune", str(recipe), "--h", "1", "2", "--beta", "0", "2", "--min-agreement", "0",
+                 "--max-drop", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 dev rows, rows disjoint from the attribution rows" in out and "signed" in out
+    assert "chosen:" in out
+    assert main(["eval", str(recipe), "--methods", "original", "ircan", "erase", "shrink", "--out",
+                 str(tmp_path / "ev")]) == 0
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "(5 test rows)" in report and "p = " in report and "| shrink |" in report
+    # too few rows for the splits: the error names the file and the counts
+    recipe.write_text(recipe.read_text().replace("dev = 3", "dev = 30"))
+    assert main(["export", str(recipe), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "d.jsonl: 12 usable rows" in err and "4 attribution + 30 dev" in err

@@ -43,12 +43,13 @@ def test_recipe_export_reloads_with_reweighted_logits(patched_smollm2, smollm2):
     assert report.columns_checked == len(manifest.neurons)
 
     patched = load_model(str(patched_smollm2))
-    neurons = NeuronSet(neurons=manifest.neurons, selection=manifest.selection, n_examples=1)
+    neurons = NeuronSet(neurons=manifest.neurons, selection=manifest.selection, n_examples=1,
+                        beta=manifest.beta)
     ids = smollm2.tokenizer(manifest.prompt_template.render(
         "Which country is the most populous in the world?",
         "As of 2023, India is the most populous country in the world."), return_tensors="pt")
     with torch.no_grad():
-        with reweighted(smollm2.model, neurons, manifest.beta):
+        with reweighted(smollm2.model, neurons):
             expected = smollm2.model(**ids).logits
         got = patched.model(**ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

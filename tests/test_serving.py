@@ -91,7 +91,8 @@ PROMPTS = [
 def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smollm2, smollm2):
     """Greedy tokens equal and top-1 logprobs close: vLLM on the export = transformers + reweighting."""
     manifest = Manifest.load(patched_smollm2)
-    neurons = NeuronSet(neurons=manifest.neurons, selection=manifest.selection, n_examples=1)
+    neurons = NeuronSet(neurons=manifest.neurons, selection=manifest.selection, n_examples=1,
+                        beta=manifest.beta)
     client = vllm_server.client()
     tok, model = smollm2.tokenizer, smollm2.model
     for prompt in PROMPTS:
@@ -100,7 +101,7 @@ def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smo
                                       extra_body={"return_tokens_as_token_ids": True})
         choice = r.choices[0]
         ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.no_grad(), reweighted(model, neurons, manifest.beta):
+        with torch.no_grad(), reweighted(model, neurons):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                  do_sample=False, output_scores=True, return_dict_in_generate=True,
                                  pad_token_id=tok.eos_token_id)

@@ -8,8 +8,9 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LangSmithParams
 from langchain_core.language_models.llms import LLM
-from langchain_core.outputs import GenerationChunk
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
+from ..errors import IrcanError
 from ._base import IrcanClientParams, translate_errors
 
 
@@ -59,6 +60,34 @@ class IrcanLLM(IrcanClientParams, LLM):
             ls_temperature=params.get("temperature"), ls_max_tokens=params.get("max_tokens"),
             ls_stop=params.get("stop"),
         )
+
+    def _result(self, response: Any, n_prompts: int) -> LLMResult:
+        choices = sorted(response.choices, key=lambda c: c.index)
+        if len(choices) != n_prompts:
+            raise IrcanError(f"the server answered {len(choices)} completions for {n_prompts} prompts")
+        return LLMResult(
+            generations=[[Generation(text=c.text, generation_info={"finish_reason": c.finish_reason})]
+                         for c in choices],
+            llm_output={"model_name": response.model},
+        )
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        """All prompts in one ``/v1/completions`` request (vLLM batches them), so ``batch`` is not
+        one round trip per prompt."""
+        context = kwargs.get("context")
+        texts = [self._with_context(p, context) for p in prompts]
+        with translate_errors(self.base_url):
+            response = self._client.completions.create(prompt=texts, **self._request_params(stop, kwargs))
+        return self._result(response, len(texts))
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        context = kwargs.get("context")
+        texts = [self._with_context(p, context) for p in prompts]
+        with translate_errors(self.base_url):
+            response = await self._async_client.completions.create(prompt=texts, **self._request_params(stop, kwargs))
+        return self._result(response, len(texts))
 
     def _call(self, prompt: str, stop: list[str] | None = None,
               run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
