@@ -33,6 +33,14 @@ class FFNLayout:
         """State-dict / safetensors name of the projection weight of ``layer``."""
         return f"{self.layers}.{layer}.{self.ffn_out}.weight"
 
+    def weight_names(self, layer: int) -> tuple[str, ...]:
+        """Every name a checkpoint may store that weight under: with the base model's prefix
+        (``transformer.h.0.mlp.c_proj.weight``) or without it, as base-model checkpoints such
+        as the original GPT-2 do (``h.0.mlp.c_proj.weight``)."""
+        full = self.weight_name(layer)
+        prefix, _, rest = self.layers.partition(".")
+        return (full, f"{rest}.{layer}.{self.ffn_out}.weight") if rest else (full,)
+
 
 _LLAMA_LIKE = FFNLayout("model.layers", "mlp.down_proj", 1)
 

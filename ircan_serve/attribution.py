@@ -90,15 +90,17 @@ def answer_token_id(tokenizer: Any, prompt: str, answer: str) -> int:
     prompt_ids = encode(tokenizer, prompt)
     full_ids = encode(tokenizer, prompt + answer)
     n = len(prompt_ids)
-    if len(full_ids) <= n:
+    if full_ids[:n] == prompt_ids:
+        if len(full_ids) == n:
+            raise IrcanError(f"answer {answer!r} adds no token after the prompt")
+        return int(full_ids[n])
+    # The tokenizer merged the prompt's last token with the answer's first ("▁Pa" + "ris" ->
+    # "▁Paris"): take the first token where the two encodings part, never the answer encoded
+    # alone, which gives a lone "▁" piece first with SentencePiece tokenizers.
+    first = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), None)
+    if first is None:
         raise IrcanError(f"answer {answer!r} adds no token after the prompt")
-    if full_ids[:n] != prompt_ids:
-        # The tokenizer merged the prompt's last token with the answer's first: take the first
-        # token where the two encodings part (never the answer encoded alone, which gives a lone
-        # '▁' piece with SentencePiece tokenizers).
-        first = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b)
-        return int(full_ids[first])
-    return int(full_ids[n])
+    return int(full_ids[first])
 
 
 def _ids(tokenizer: Any, text: str, device: torch.device) -> torch.Tensor:
@@ -292,13 +294,17 @@ class ContextAwareIntegratedGradients:
         ids_without = _ids(self.tokenizer, example.prompt_without_context, device)
         token = answer_token_id(self.tokenizer, example.prompt, example.answer)
         without = last_position_ffn_inputs(self.model, ids_without, token)  # a'
-        with_ = last_position_ffn_inputs(self.model, ids_with, token)  # a, and the prompt's cache
+        with_ = last_position_ffn_inputs(self.model, ids_with, token)  # a
         args = (without.activations, with_.activations, token, config.n_steps, layers)
         if config.method == "reference" or ids_with.shape[1] < 2:
             scores = reference_scores(self.model, ids_with, *args)
         else:
-            prefix = with_.cache
-            prefix.crop(-1)  # drop the last token: the fast path recomputes it
+            # The cache of all tokens but the last, from its own pass: cropping the full prompt's
+            # cache fails on sliding-window caches (Mistral, Gemma 2/3) once the prompt is as long
+            # as the window, and the extra pass costs one forward of the prompt.
+            with torch.no_grad():
+                prefix = self.model(ids_with[:, :-1], use_cache=True,
+                                    **_last_logits_kwargs(self.model)).past_key_values
             scores = fast_scores(self.model, ids_with, prefix, *args, config.internal_batch_size)
         return Attribution(
             example.id, token, scores.detach().float().cpu(), with_.prob, without.prob,

@@ -163,7 +163,8 @@ def export_checkpoint(
     if beta is not None:
         neurons = neurons.scaled(beta, "paper")
     factors = neuron_factors(neurons)
-    targets = {layout.weight_name(layer): f for layer, f in factors.items()}
+    targets = {name: f for layer, f in factors.items() for name in layout.weight_names(layer)}
+    wanted = {layout.weight_name(layer): layout.weight_names(layer) for layer in factors}
     beta = neurons.beta if neurons.beta is not None else max(neurons.scales())
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -186,7 +187,7 @@ def export_checkpoint(
                         found.add(name)
                     tensors[name] = tensor
             save_file(tensors, str(tmp / shard.name), metadata={**metadata, "format": "pt", **provenance})
-        missing = set(targets) - found
+        missing = {name for name, names in wanted.items() if not found & set(names)}
         if missing:
             raise IrcanError(f"{base} has no tensors {sorted(missing)}; is it a {config.model_type} model?")
         manifest = Manifest(
@@ -263,7 +264,7 @@ def verify_checkpoint(folder: str | Path, base: str | None = None) -> VerifyRepo
     layout = layout_for(manifest.model_type)
     neurons = NeuronSet(neurons=manifest.neurons, selection=manifest.selection or {}, n_examples=0,
                         beta=manifest.beta)  # a neuron without a scale (format 1) takes the beta
-    targets = {layout.weight_name(layer): f for layer, f in neuron_factors(neurons).items()}
+    targets = {name: f for layer, f in neuron_factors(neurons).items() for name in layout.weight_names(layer)}
     with ExitStack() as stack:
         base_tensors: dict[str, Any] = {}  # tensor name -> open handle of its base shard
         for shard in base_dir.glob("*.safetensors"):

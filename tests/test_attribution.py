@@ -169,3 +169,49 @@ def test_unreadable_record_names_its_file(tmp_path, tiny_llama, conflicts):
     path.write_bytes(b"garbage")
     with pytest.raises(IrcanError, match="unreadable.*delete it"):
         store.get(conflicts[0].id)
+
+
+SHARED_TOKENIZERS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+
+
+@pytest.mark.skipif(not SHARED_TOKENIZERS.is_dir(), reason="../shared/tokenizers is absent")
+@pytest.mark.parametrize("name, expected", [("llama2", 3681), ("phi-3", 3681), ("gpt-2", 6342),
+                                            ("llama3", 12366), ("qwen", 12095)])
+def test_answer_token_with_real_tokenizers(name, expected):
+    """The in-context first answer token of real tokenizers (ids from ../shared/tokenizers/README.md)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SHARED_TOKENIZERS / name)
+    assert answer_token_id(tok, "Context: x\nAnswer:", " Paris") == expected
+
+
+@pytest.mark.skipif(not (SHARED_TOKENIZERS / "llama2").is_dir(), reason="../shared/tokenizers is absent")
+def test_merged_answer_token_is_not_a_lone_sentencepiece_space():
+    """When the prompt's last piece merges with the answer ('▁Pa' + 'ris' -> '▁Paris'), the answer
+    token is the merged piece, not the answer encoded alone ('ris', or a lone '▁' for ' Paris')."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SHARED_TOKENIZERS / "llama2")
+    assert tok.convert_ids_to_tokens(answer_token_id(tok, "Answer: Pa", "ris")) == "▁Paris"
+    assert tok.convert_ids_to_tokens(answer_token_id(tok, "Answer: ", "Paris")) == "▁Paris"
+    assert tok(" Paris", add_special_tokens=False)["input_ids"][0] == 29871  # what encoding alone gives
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text"])
+def test_fast_path_on_sliding_window_caches(tiny_tokenizer, conflicts, model_type):
+    """Prompts longer than the sliding window: the fast path's prefix cache must still work
+    (cropping a full-prompt sliding-window cache raises) and equal the reference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tiny_tokenizer), hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
+                               max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                               sliding_window=8, head_dim=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ex = conflicts[3]
+    assert len(tiny_tokenizer(ex.prompt)["input_ids"]) > 8
+    ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
+    fast = ig.attribute(ex, AttributionConfig(n_steps=3)).scores
+    ref = ig.attribute(ex, AttributionConfig(n_steps=3, method="reference")).scores
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

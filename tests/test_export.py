@@ -130,3 +130,28 @@ def test_signed_scales_are_exported_and_verified(tmp_path, tiny_llama_dir):
         signed.scaled(0.0, "signed")
     with pytest.raises(IrcanError, match="no effect recorded"):
         NEURONS.scaled(2.0, "signed")
+
+
+def test_checkpoint_without_base_model_prefix(tmp_path, tiny_model_dirs):
+    """The original GPT-2 checkpoint stores `h.0.mlp.c_proj.weight`, without `transformer.`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "gpt2-bare"
+    shutil.copytree(tiny_model_dirs["gpt2"], base)
+    tensors = load_file(str(base / "model.safetensors"))
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    assert "h.1.mlp.c_proj.weight" in bare
+    save_file(bare, str(base / "model.safetensors"), metadata={"format": "pt"})
+    neurons = NeuronSet(neurons=[Neuron(layer=1, index=7)], selection=SelectionConfig(num_neurons=1), n_examples=1)
+    out = tmp_path / "p"
+    export_checkpoint(str(base), neurons, 3.0, out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        patched = f.get_tensor("h.1.mlp.c_proj.weight")
+    torch.testing.assert_close(patched[7], bare["h.1.mlp.c_proj.weight"][7] * 3.0)
+    assert verify_checkpoint(out, base=str(base)).ok
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    base_lm = load_model(str(base))
+    with reweighted(base_lm.model, neurons, 3.0):
+        torch.testing.assert_close(base_lm.model(ids).logits, load_model(str(out)).model(ids).logits)

@@ -39,7 +39,7 @@ def test_tune_grid_choice_and_restored_weights(tiny_llama, conflicts):
                         selection=SelectionConfig(num_neurons=4), n_examples=1)
     result = tune(model, tok, neurons, conflicts[:6], hs=[1, 2, 9], betas=[0.0, 2.0, 500.0],
                   min_agreement=0.5, max_drop=1.0, progress=False)
-    # signed has no beta = 0 point (1/0); beta = 1 would be the original
+    # signed takes only beta > 1; beta = 1 would be the original
     assert [(p.rule, p.h, p.beta) for p in result.grid] == (
         [("paper", h, b) for h in (1, 2) for b in (0.0, 2.0, 500.0)]
         + [("signed", h, b) for h in (1, 2) for b in (2.0, 500.0)])
@@ -49,7 +49,8 @@ def test_tune_grid_choice_and_restored_weights(tiny_llama, conflicts):
     for p in result.grid:
         assert p.collapsed == (p.agreement < 0.5)
     # the shipped rows carry agreeing contexts, so the side check is measured at every point
-    assert result.original_checks.agreeing is not None and all(p.checks.agreeing is not None for p in result.grid)
+    assert result.original_checks.agreeing is not None
+    assert all((p.checks.agreeing is not None) == (p.agreement >= 0.5) for p in result.grid)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -115,7 +115,9 @@ def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictE
     locality facts or agreeing contexts drops by more than ``max_drop`` (where the rows have
     them). ``best`` is the best remaining enhancing point (beta > 1) by dev accuracy, ties broken
     by lower stubbornness, smaller h, beta closer to 1; ``best_shrink`` the same among beta < 1.
-    The signed rule skips beta = 0 (it would need 1/0) and beta = 1 is the original for both.
+    The signed rule takes only beta > 1 (below 1 it would weaken the neurons that help and
+    enhance those that hurt), and beta = 1 is the original for both. Points below the agreement
+    bound are not scored on the side checks (they are collapsed already).
     """
     from tqdm.auto import tqdm
 
@@ -129,13 +131,14 @@ def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictE
     reference = next_token_logits(model, tokenizer, plain)
     original = logit_score(model, tokenizer, dev)
     base_checks = _side_checks(model, tokenizer, dev)
-    points = [(r, h, b) for r in rules for h in hs for b in betas if b != 1 and not (r == "signed" and b == 0)]
+    points = [(r, h, b) for r in rules for h in hs for b in betas if b != 1 and not (r == "signed" and b < 1)]
     grid = []
     for rule, h, beta in tqdm(points, desc="tune rule x h x beta", disable=not progress):
         with reweighted(model, neurons.top(h).scaled(beta, rule)):
             dev_score = logit_score(model, tokenizer, dev)
             agree, kl = agreement(model, tokenizer, plain, reference)
-            checks = _side_checks(model, tokenizer, dev)
+            # a point that already fails the agreement check is not scored on the side checks
+            checks = _side_checks(model, tokenizer, dev) if agree >= min_agreement else SideChecks()
         reason = _collapse_reason(agree, checks, base_checks, min_agreement, max_drop)
         grid.append(GridPoint(rule=rule, h=h, beta=beta, dev=dev_score, agreement=agree, kl=kl,
                               checks=checks, collapsed=bool(reason), reason=reason))
