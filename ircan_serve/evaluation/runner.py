@@ -92,7 +92,9 @@ def run_method(model: Any, tokenizer: Any, examples: list[ConflictExample], meth
             else:
                 generation = score([answer_matches(t, e.answer) for t, e in zip(texts, examples)],
                                    [answer_matches(t, e.memorized) for t, e in zip(texts, examples)])
-        locality, agreeing = side_scores(model, tokenizer, examples)
+        # the side checks measure a weight patch; prompt methods and CAD leave the weights as they are
+        locality, agreeing = (side_scores(model, tokenizer, examples)
+                              if method.neurons is not None or method.name == "original" else (None, None))
     return MethodResult(method=method.name, seed=method.seed, first_token=first, generation=generation,
                         locality=locality, agreeing=agreeing, seconds=time.perf_counter() - t0)
 
