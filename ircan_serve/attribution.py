@@ -214,7 +214,7 @@ def reference_scores(
             logits = model(batch, use_cache=False, **_last_logits_kwargs(model)).logits
         probs = _answer_prob(logits, token)  # (m,)
         (grads,) = torch.autograd.grad(probs.sum(), points)  # (m, d_ff)
-        scores[layer] = delta * grads.mean(dim=0)
+        scores[layer] = delta.float() * grads.float().mean(dim=0)  # float32 whatever the model dtype
     return scores
 
 
@@ -259,7 +259,7 @@ def fast_scores(
             ).logits
         probs = _answer_prob(logits, token)  # (rows,)
         (grads,) = torch.autograd.grad(probs.sum(), points)  # (g, m, d_ff)
-        scores[chunk] = deltas * grads.mean(dim=1)
+        scores[chunk] = deltas.float() * grads.float().mean(dim=1)  # float32 whatever the model dtype
     return scores
 
 

@@ -217,7 +217,7 @@ def cmd_tune(ns: argparse.Namespace) -> None:
     dev = data.dev
     result = tune(lm.model, lm.tokenizer, neurons, dev, hs=hs, betas=betas, rules=ns.rule,
                   min_agreement=ns.min_agreement, max_drop=ns.max_drop)
-    which = ("the recipe's attribution rows (no [splits]: the paper's protocol)" if recipe.splits is None
+    which = ("the recipe's attribution rows (no \\[splits]: the paper's protocol)" if recipe.splits is None
              else "rows disjoint from the attribution rows")
     table = Table(title=f"tune {recipe.name}: {len(dev)} dev rows, {which}")
     for col in ("rule", "h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)",
@@ -314,8 +314,11 @@ def cmd_conflicts(ns: argparse.Namespace) -> None:
     from .conflicts import build_conflicts
     from .models import load_model
 
+    from .prompts import QA_TEMPLATE
+
     lm = load_model(ns.model)
-    report = build_conflicts(lm.model, lm.tokenizer, ns.input, ns.output, seed=ns.seed)
+    template = QA_TEMPLATE.model_copy(update={"chat": ns.chat, "system": ns.system})
+    report = build_conflicts(lm.model, lm.tokenizer, ns.input, ns.output, template=template, seed=ns.seed)
     _summary("conflicts", {"model": lm.name, "QA rows": report.rows, "conflicts written": report.written,
                            "output": report.output,
                            "dropped": ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "none",
@@ -449,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="conflict set to write (generic JSONL)")
     p.add_argument("--model", default="smollm2", help="folder, hub id, .gguf file or 'smollm2'")
     p.add_argument("--seed", type=int, default=0, help="seed of the answer substitution")
+    p.add_argument("--chat", action="store_true",
+                   help="ask the closed-book questions through the model's chat template (instruct "
+                        "models; SmolLM2-Instruct ends its turn at once after a bare 'Answer:')")
+    p.add_argument("--system", help="system message for --chat")
     p.set_defaults(func=cmd_conflicts)
 
     p = sub.add_parser("demo", help="RAG demo: original vs patched SmolLM2 behind vLLM, side by side")

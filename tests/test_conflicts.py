@@ -75,9 +75,15 @@ def test_smollm2_conflicts_from_qa_pairs(tmp_path, smollm2):
             {"question": "What is the capital of Japan?", "answer": "Tokyo"},
             {"question": "What is the capital of Narnia?", "answer": "Cair Paravel"}]
     src = write_jsonl(tmp_path / "qa.jsonl", rows)
-    report = build_conflicts(smollm2.model, smollm2.tokenizer, src, tmp_path / "c.jsonl")
+    # the instruct model answers through its chat template (after a bare "Answer:" it ends its turn)
+    from ircan_serve.prompts import QA_TEMPLATE
+
+    with pytest.raises(IrcanError, match="does not answer it closed-book': 4"):
+        build_conflicts(smollm2.model, smollm2.tokenizer, src, tmp_path / "plain.jsonl")
+    chat = QA_TEMPLATE.model_copy(update={"chat": True})
+    report = build_conflicts(smollm2.model, smollm2.tokenizer, src, tmp_path / "c.jsonl", template=chat)
     out = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
-    assert report.written == len(out) >= 2
+    assert report.written == len(out) == 3  # France, Italy, Japan; Narnia is not answered
     for r in out:
         assert r["answer"] != r["memorized"] and r["answer"] in {"Paris", "Rome", "Tokyo"}
         assert r["answer"] in r["context"]
