@@ -25,7 +25,7 @@ _EXPORTS = {
     "load_model": "models",
     "resolve_model": "models",
     "ConflictExample": "data",
-    "PromptTemplate": "data",
+    "PromptTemplate": "prompts",
     "load_examples": "data",
     "Attribution": "attribution",
     "AttributionStore": "attribution",

@@ -29,9 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import DataFormat
 from .errors import IrcanError
-from .prompts import COMPLETION_TEMPLATE, MC_INSTRUCTION, MC_TEMPLATE, QA_TEMPLATE, PromptTemplate, encode
-
-__all__ = ["COMPLETION_TEMPLATE", "MC_INSTRUCTION", "MC_TEMPLATE", "QA_TEMPLATE", "PromptTemplate"]
+from .prompts import (  # noqa: F401  (re-exported: older code imports the templates from here)
+    COMPLETION_TEMPLATE,
+    MC_INSTRUCTION,
+    MC_TEMPLATE,
+    QA_TEMPLATE,
+    PromptTemplate,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,8 @@ class ConflictExample(BaseModel):
     agreeing_prompt: str | None = Field(
         None, description="The prompt with a context that states the memorized (true) answer: "
         "a side-effect check, where following the context must still give the true answer.")
-    locality_prompt: str | None = Field(None, description="An unrelated fact's prompt, no context.")
+    locality_question: str | None = Field(None, description="An unrelated fact's question (unrendered).")
+    locality_prompt: str | None = Field(None, description="That question rendered without context.")
     locality_answer: str | None = Field(None, description="Its answer, as it continues the prompt.")
     source: str = Field("", description="file:line the row came from, for error messages.")
 
@@ -149,6 +155,7 @@ def generic_example(row: dict[str, Any], where: str, index: int,
         question=row["question"],
         agreeing_context=agreeing,
         agreeing_prompt=render(row["question"], agreeing) if agreeing else None,
+        locality_question=locality if locality and row.get("locality_answer") else None,
         locality_prompt=render(locality) if locality and row.get("locality_answer") else None,
         locality_answer=template.continuation(row["locality_answer"]) if locality and row.get("locality_answer") else None,
         source=where,
@@ -189,6 +196,7 @@ def counterfact_example(row: dict[str, Any], where: str, index: int,
         question=question,
         agreeing_context=counterfact_context(row, row["ground_truth"]),
         agreeing_prompt=render(question, counterfact_context(row, row["ground_truth"])),
+        locality_question=locality if has_locality else None,
         locality_prompt=render(locality) if has_locality else None,
         locality_answer=template.continuation(row["locality_ground_truth"]) if has_locality else None,
         source=where,

@@ -77,7 +77,7 @@ def held_out_questions(recipe_path: str | Path, lm: object = None) -> tuple[list
     from .pipeline import recipe_data
 
     recipe = load_recipe(recipe_path)
-    if recipe.splits is None and not recipe.known_only:
+    if recipe.splits is None and not recipe.known_only and not (recipe.prompt and recipe.prompt.chat):
         from .data import load_examples
 
         rows = load_examples(recipe.data, recipe.data_format, template=recipe.prompt).examples
@@ -106,9 +106,14 @@ def _ask(llm: object, s: DemoSet, label: str, retriever: object, with_checks: bo
         idx, prompts = [], []
         for i, e in enumerate(s.questions):
             if kind == "locality" and e.locality_prompt and e.locality_answer:
-                idx.append(i), prompts.append(e.locality_prompt)
+                # a chat model gets the bare question (ChatIrcan applies the chat template itself)
+                prompt = s.template.render(e.locality_question or "") if s.template.chat else e.locality_prompt
             elif kind == "agreeing" and e.agreeing_context and e.question:
-                idx.append(i), prompts.append(s.template.render(e.question, e.agreeing_context))
+                prompt = s.template.render(e.question, e.agreeing_context)
+            else:
+                continue
+            idx.append(i)
+            prompts.append(prompt)
         if prompts:
             for i, text in zip(idx, llm.batch(prompts)):  # type: ignore[attr-defined]
                 getattr(s.rows[i], kind)[label] = first_line(text)
@@ -116,7 +121,7 @@ def _ask(llm: object, s: DemoSet, label: str, retriever: object, with_checks: bo
 
 def run_demo(sets: list[tuple[str | Path, str | Path]], base: str = "smollm2") -> list[DemoSet]:
     """Serve the base once and each (checkpoint, recipe) in turn; ask every set's questions."""
-    from .langchain import IrcanLLM
+    from .langchain import ChatIrcan, IrcanLLM
     from .langchain.rag import build_retriever, conflict_documents
     from .models import load_model, resolve_model
     from .serving import VLLMServer
@@ -134,9 +139,11 @@ def run_demo(sets: list[tuple[str | Path, str | Path]], base: str = "smollm2") -
     lm = None  # free the model before the servers start
     retrievers = {s.name: build_retriever(conflict_documents(s.documents)) for s in demo_sets}
 
-    def llm(server: VLLMServer, template: PromptTemplate) -> IrcanLLM:
-        return IrcanLLM(model=server.model_name, base_url=server.base_url, max_tokens=16,
-                        stop=["\n"], prompt_template=template, timeout=300)
+    def llm(server: VLLMServer, template: PromptTemplate) -> IrcanLLM | ChatIrcan:
+        """IrcanLLM for a text-mode checkpoint, ChatIrcan for a chat-mode one (as it was attributed)."""
+        cls = ChatIrcan if template.chat else IrcanLLM
+        return cls(model=server.model_name, base_url=server.base_url, max_tokens=16,
+                   stop=["\n"], prompt_template=template, timeout=300)
 
     with VLLMServer(resolve_model(base), require_manifest=False) as server:
         for s in demo_sets:
