@@ -80,14 +80,18 @@ def plots(data: dict[str, Any], out: Path, neurons: list[dict[str, Any]] | None,
     if tune_grid and tune_grid.get("best"):
         best, grid = tune_grid["best"], tune_grid["grid"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        rules = sorted({p.get("rule", "paper") for p in grid})
         for ax, key, fixed, label in ((axes[0], "beta", ("h", best["h"]), "β"), (axes[1], "h", ("beta", best["beta"]), "h")):
-            pts = sorted((p[key], p["dev"]["accuracy"], p["collapsed"]) for p in grid
-                         if p[fixed[0]] == fixed[1] and p.get("rule", "paper") == best.get("rule", "paper"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="dev accuracy")
-            ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], color="red", zorder=3, label="collapsed")
-            ax.axhline(tune_grid["original"]["accuracy"], color="gray", ls="--", label="original")
+            for rule in rules:  # one line per reweighting rule, collapsed points in red
+                pts = sorted((p[key], p["dev"]["accuracy"], p["collapsed"]) for p in grid
+                             if p[fixed[0]] == fixed[1] and p.get("rule", "paper") == rule)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"dev accuracy, {rule}",
+                        ls="-" if rule == "paper" else "--")
+                ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], color="red", zorder=3)
+            ax.axhline(tune_grid["original"]["accuracy"], color="gray", ls=":", label="original")
+            ax.scatter([], [], color="red", label="collapsed")
             ax.set(xlabel=label, ylabel="dev accuracy",
-                   title=f"{best.get('rule', 'paper')} rule: accuracy vs {label} ({fixed[0]} = {fixed[1]:g})")
+                   title=f"accuracy vs {label} ({fixed[0]} = {fixed[1]:g}; chosen: {best.get('rule', 'paper')})")
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(out / "tuning.png")
