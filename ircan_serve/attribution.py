@@ -119,7 +119,7 @@ def _patched_last_position(
     def make_hook(rows: slice, values: torch.Tensor) -> Callable[..., tuple[Any, ...]]:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0].clone()  # (B, T, d_ff)
-            x[rows, -1, :] = values
+            x[rows, -1, :] = values.to(device=x.device, dtype=x.dtype)  # float32 points, into the model's dtype
             return (x, *args[1:])
 
         return hook
@@ -159,7 +159,8 @@ def last_position_ffn_inputs(model: torch.nn.Module, input_ids: torch.Tensor, to
 
     def make_hook(layer: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            captured[layer] = args[0][0, -1].detach().clone()
+            # float32 whatever the model dtype, on one device even when layers are spread out
+            captured[layer] = args[0][0, -1].detach().to(device=input_ids.device, dtype=torch.float32)
 
         return hook
 

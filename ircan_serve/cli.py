@@ -84,7 +84,7 @@ def cmd_attribute(ns: argparse.Namespace) -> None:
     from .pipeline import load_checked_data, store_header
 
     config = config_from_flags(ns, AttributionConfig)
-    lm = load_model(ns.model)
+    lm = load_model(ns.model, device=ns.device, dtype=ns.dtype)
     data = load_checked_data(lm, ns.data, ns.format, skip_invalid=ns.skip_invalid, limit=ns.limit)
     results = attribute_examples(
         lm.model, lm.tokenizer, data.examples, config,
@@ -212,7 +212,7 @@ def cmd_tune(ns: argparse.Namespace) -> None:
         raise IrcanError(f"no attribution results in {paths.store}; run `ircan export {ns.recipe}` first")
     hs, betas = ns.h, ns.beta
     neurons = select_neurons(records, recipe.selection.model_copy(update={"num_neurons": max(hs)}))
-    lm = load_model(recipe.model)
+    lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     data = recipe_data(recipe, lm)
     dev = data.dev
     result = tune(lm.model, lm.tokenizer, neurons, dev, hs=hs, betas=betas, rules=ns.rule,
@@ -270,7 +270,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
         neurons = neurons.scaled(recipe.beta, recipe.selection.rule)
     tune_file = paths.store / "tune.json"
     tune_grid = _json.loads(tune_file.read_text()) if tune_file.is_file() else None
-    lm = load_model(recipe.model)
+    lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     if ns.test:
         test = Path(ns.test)
         if recipe.data != "conflicts" and test.resolve() == Path(recipe.data).resolve():
@@ -367,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="conflicts", help="data file or 'conflicts' (the shipped set)")
     p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre", "counterfact"])
     p.add_argument("--store", required=True, help="attribution store folder (resumes if it exists)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights dtype: auto = the checkpoint's on a GPU, float32 on CPU; scores are "
+                        "float32 whatever this is")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (device_map='auto')")
     p.add_argument("--limit", type=int, help="use only the first N rows")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report them")
     add_config_flags(p, AttributionConfig)

@@ -90,6 +90,11 @@ class Recipe(_Settings):
 
     name: str = Field(description="Short name; the default output folder is export/out/NAME.")
     model: str = Field("smollm2", description="Folder, hub id, .gguf file or 'smollm2'.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype: 'auto' is the checkpoint's on a GPU, float32 on CPU. "
+        "Attribution points, probabilities and scores are float32 whatever this is.")
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N', or 'auto' (device_map='auto' "
+                        "for a model larger than one GPU).")
     data: str = Field("conflicts", description="Data file, or 'conflicts' for the shipped set.")
     data_format: DataFormat = Field("auto", description="Format of the data file.")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows (without "

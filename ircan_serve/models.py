@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .architectures import layout_for
 from .errors import IrcanError
@@ -110,17 +110,53 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     return target
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> LoadedModel:
-    """Load a supported causal LM in float32 and eval mode, with frozen weights.
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""The ``--dtype`` choices: ``auto`` is the checkpoint's own dtype on a GPU and float32 on CPU."""
+
+
+def resolve_dtype(dtype: str, device: str, config: Any) -> Any:
+    """The torch dtype to load in, checked against what ``device`` can run.
+
+    Raises:
+        IrcanError: an unknown name, or a dtype the device cannot multiply in.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise IrcanError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    on_gpu = device == "auto" or device.startswith("cuda")
+    if dtype == "auto":
+        if not on_gpu:
+            return torch.float32
+        own = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+        own = getattr(torch, own) if isinstance(own, str) else own
+        return own if isinstance(own, torch.dtype) else torch.float32
+    chosen = getattr(torch, dtype)
+    probe_device = "cuda" if device == "auto" else device
+    try:  # a tiny matmul: some CPUs and old GPUs lack float16 / bfloat16 kernels
+        a = torch.ones(2, 2, dtype=chosen, device=probe_device)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise IrcanError(f"--dtype {dtype} does not run on device {probe_device!r} here ({e}); "
+                         "use --dtype float32 (or auto)") from e
+    return chosen
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+    """Load a supported causal LM in eval mode, with frozen weights.
 
     Args:
         spec: ``smollm2``, a local Hugging Face folder, a ``.gguf`` file or a hub id.
-        device: torch device to put it on.
+        device: torch device to put it on, or ``auto`` to spread a model larger than one GPU
+            over the GPUs (and CPU) with ``device_map="auto"``.
+        dtype: ``auto`` (the checkpoint's dtype on a GPU, float32 on CPU), ``bfloat16``,
+            ``float16`` or ``float32``. Attribution computes its integration points,
+            probabilities and scores in float32 whatever this is.
 
     Raises:
-        IrcanError: the spec does not resolve, or the architecture is not in the table.
+        IrcanError: the spec does not resolve, the architecture is not in the table, or the
+            device cannot run the dtype.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
@@ -131,7 +167,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> LoadedModel
             f"could not read model {spec!r}: {e}. Offline? Pass a local folder instead."
         ) from e
     layout_for(config.model_type)  # fail before loading weights
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    torch_dtype = resolve_dtype(dtype, device, config)
+    if device == "auto":
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return LoadedModel(model=prepare_model(model), tokenizer=tokenizer, source=source, name=spec)
 

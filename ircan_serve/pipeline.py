@@ -181,7 +181,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
     output, store = paths.output, paths.store
     if output.exists() and not force:
         raise IrcanError(f"{output} already exists; pass --force to replace it")
-    lm = load_model(recipe.model)
+    lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     data = recipe_data(recipe, lm, progress=progress, out_root=out_root)
     neurons = find_context_neurons(
         lm.model, lm.tokenizer, data.attribution, recipe.attribution, recipe.selection,

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ircan_serve import __all__ as public
 from ircan_serve.cli import main
 from ircan_serve.export import Manifest
@@ -103,3 +105,22 @@ def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
     assert main(["export", str(recipe), "--force"]) == 2
     err = capsys.readouterr().err
     assert "d.jsonl: 12 usable rows" in err and "4 attribution + 30 dev" in err
+
+
+def test_dtype_choices_and_checks(tiny_llama_dir, monkeypatch):
+    import torch
+
+    from ircan_serve.errors import IrcanError
+    from ircan_serve.models import load_model, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu", None) == torch.float32  # auto is float32 on CPU
+    assert next(load_model(str(tiny_llama_dir), dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(IrcanError, match="not one of auto, bfloat16"):
+        resolve_dtype("float8", "cpu", None)
+
+    def no_half(*args, **kwargs):  # a device without float16 kernels
+        raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", no_half)
+    with pytest.raises(IrcanError, match="--dtype float16 does not run on device 'cpu'.*use --dtype float32"):
+        resolve_dtype("float16", "cpu", None)
