@@ -15,7 +15,9 @@ Two implementations compute the same numbers:
   against the equation (the Captum style: the algorithm, plainly).
 * :func:`fast_scores` -- patching the last position cannot change earlier positions (causal
   attention), so the prefix's KV cache is computed once and only the last token is recomputed,
-  with the m steps of several layers stacked into one batch and one backward pass.
+  with the m steps of several layers stacked into one batch and one backward pass. Patching
+  layer ``l`` cannot change layers below ``l`` either, so those layers are not run: they return
+  the hidden state recorded in one plain pass, and the recomputation starts at layer ``l``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .architectures import ffn_out_projections
+from .architectures import decoder_layers, ffn_out_projections
 from .config import AttributionConfig
 from .data import ConflictExample
 from .errors import IrcanError
@@ -148,14 +150,21 @@ class _Pass:
 
     activations: torch.Tensor  # (n_layers, d_ff) FFN-output-projection inputs
     prob: float  # P(answer token)
-    cache: Any  # KV cache of the whole prompt
+    layer_outputs: list[Any] | None = None  # each decoder layer's output at the last position
 
 
 @torch.no_grad()
-def last_position_ffn_inputs(model: torch.nn.Module, input_ids: torch.Tensor, token: int) -> _Pass:
-    """Run the prompt once; read every layer's FFN neurons and P(token) at the last position."""
+def last_position_ffn_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, token: int, *, record_layers: bool = False,
+) -> _Pass:
+    """Run the prompt once; read every layer's FFN neurons and P(token) at the last position.
+
+    ``record_layers`` keeps each decoder layer's last-position output, which
+    :func:`fast_scores` replays instead of running the layers below a patched one.
+    """
     projections = ffn_out_projections(model)
     captured: list[torch.Tensor | None] = [None] * len(projections)
+    outputs: list[Any] = [None] * len(projections)
 
     def make_hook(layer: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -164,13 +173,80 @@ def last_position_ffn_inputs(model: torch.nn.Module, input_ids: torch.Tensor, to
 
         return hook
 
+    def make_recorder(layer: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            outputs[layer] = _map_hidden(output, lambda h: h[:, -1:].detach())
+
+        return hook
+
     handles = [p.register_forward_pre_hook(make_hook(i)) for i, p in enumerate(projections)]
+    if record_layers:
+        handles += [d.register_forward_hook(make_recorder(i)) for i, d in enumerate(decoder_layers(model))]
     try:
-        out = model(input_ids, use_cache=True, **_last_logits_kwargs(model))
+        out = model(input_ids, use_cache=False, **_last_logits_kwargs(model))
     finally:
         for h in handles:
             h.remove()
-    return _Pass(torch.stack(captured), _answer_prob(out.logits, token).item(), out.past_key_values)  # type: ignore[arg-type]
+    return _Pass(torch.stack(captured), _answer_prob(out.logits, token).item(),  # type: ignore[arg-type]
+                 outputs if record_layers else None)
+
+
+def _map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to the hidden states of a decoder layer's output (a tensor, or a tuple whose
+    first item is the hidden states, depending on the family and transformers version)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
+def _cache_view(prefix: Any, rows: int, first_layer: int = 0) -> Any:
+    """A KV cache for ``rows`` copies of the prompt, sharing ``prefix``'s tensors (expanded along
+    the batch, not copied) so that running more tokens through it leaves ``prefix`` unchanged.
+
+    Layers below ``first_layer`` are not expanded: :func:`fast_scores` does not run them.
+    Caches without per-layer key/value tensors fall back to a deep copy.
+    """
+    layers = getattr(prefix, "layers", None)
+    if not isinstance(layers, list) or not all(
+        isinstance(getattr(c, "keys", None), torch.Tensor) and isinstance(getattr(c, "values", None), torch.Tensor)
+        for c in layers
+    ):
+        cache = copy.deepcopy(prefix)
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return cache
+    view = copy.copy(prefix)
+    view.layers = []
+    for i, layer in enumerate(layers):
+        own = copy.copy(layer)
+        if i >= first_layer and rows > 1:
+            own.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+            own.values = layer.values.expand(rows, *layer.values.shape[1:])
+        view.layers.append(own)
+    return view
+
+
+@contextmanager
+def _replayed_layers(layers: Sequence[torch.nn.Module], outputs: Sequence[Any], rows: int) -> Iterator[None]:
+    """Make each of ``layers`` return its recorded last-position output (for ``rows`` rows)
+    instead of computing it: below a patched layer, every row's hidden state equals the plain
+    pass's."""
+    saved: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for layer, out in zip(layers, outputs):
+            saved.append((layer, layer.__dict__.get("forward")))  # an accelerate hook may live there
+
+            def replay(*_args: Any, _out: Any = out, **_kwargs: Any) -> Any:
+                return _map_hidden(_out, lambda h: h.expand(rows, *h.shape[1:]))
+
+            layer.forward = replay  # type: ignore[method-assign]
+        yield
+    finally:
+        for layer, previous in saved:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous  # type: ignore[method-assign]
 
 
 def riemann_alphas(n_steps: int, device: torch.device | None = None) -> torch.Tensor:
@@ -229,31 +305,36 @@ def fast_scores(
     n_steps: int,
     layers: Sequence[int],
     internal_batch_size: int,
+    layer_outputs: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """The same scores as :func:`reference_scores`, from ``prefix``, the KV cache of all tokens
-    but the last (it is copied, not modified).
+    but the last (it is read, never modified).
 
-    The prefix (all tokens but the last) runs once; each pass then recomputes only the last
-    token for ``layers_per_pass * m`` rows, where rows ``[g*m, (g+1)*m)`` patch layer
-    ``chunk[g]``. Rows are independent, so one backward pass yields every layer's gradients.
+    Each pass recomputes only the last token, for ``layers_per_pass * m`` rows, where rows
+    ``[g*m, (g+1)*m)`` patch layer ``chunk[g]``. Rows are independent, so one backward pass yields
+    every layer's gradients. With ``layer_outputs`` (each decoder layer's last-position output in
+    the plain pass with ``prefix``), layers below the chunk's lowest are replayed, not run.
     """
     projections = ffn_out_projections(model)
+    blocks = decoder_layers(model)
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     last = input_ids[:, -1:]  # (1, 1)
     per_pass = max(1, internal_batch_size // n_steps)
+    ordered = sorted(layers)  # contiguous chunks: the higher the chunk, the more layers are replayed
     scores = torch.zeros_like(target, dtype=torch.float32)
-    for start in range(0, len(layers), per_pass):
-        chunk = list(layers[start : start + per_pass])
+    for start in range(0, len(ordered), per_pass):
+        chunk = ordered[start : start + per_pass]
         rows = len(chunk) * n_steps
+        first = chunk[0] if layer_outputs is not None else 0
         deltas = target[chunk] - baseline[chunk]  # (g, d_ff)
         points = (baseline[chunk][:, None, :] + alphas[None, :, None] * deltas[:, None, :])
         points = points.requires_grad_()  # (g, m, d_ff)
         patches = {
             layer: (slice(g * n_steps, (g + 1) * n_steps), points[g]) for g, layer in enumerate(chunk)
         }
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(rows)
-        with _patched_last_position(projections, patches):
+        cache = _cache_view(prefix, rows, first)
+        replayed = (blocks[:first], (layer_outputs or [])[:first])
+        with _patched_last_position(projections, patches), _replayed_layers(*replayed, rows):
             logits = model(
                 last.expand(rows, 1), past_key_values=cache, use_cache=True,
                 **_last_logits_kwargs(model),
@@ -277,10 +358,13 @@ class ContextAwareIntegratedGradients:
         attribution.scores.shape                       # (n_layers, d_ff)
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, replay_lower_layers: bool = True) -> None:
+        """``replay_lower_layers=False`` makes the fast path run every layer in each pass, as
+        ircan-serve 0.1 did (the same scores, slower; kept so benchmarks can show the gain)."""
         self.model = model
         self.tokenizer = tokenizer
         self.n_layers = len(ffn_out_projections(model))
+        self.replay_lower_layers = replay_lower_layers
 
     def attribute(
         self, example: ConflictExample, config: AttributionConfig = AttributionConfig()
@@ -294,10 +378,12 @@ class ContextAwareIntegratedGradients:
         ids_with = _ids(self.tokenizer, example.prompt, device)
         ids_without = _ids(self.tokenizer, example.prompt_without_context, device)
         token = answer_token_id(self.tokenizer, example.prompt, example.answer)
+        fast = config.method == "fast" and ids_with.shape[1] >= 2
         without = last_position_ffn_inputs(self.model, ids_without, token)  # a'
-        with_ = last_position_ffn_inputs(self.model, ids_with, token)  # a
+        with_ = last_position_ffn_inputs(self.model, ids_with, token,
+                                         record_layers=fast and self.replay_lower_layers)  # a
         args = (without.activations, with_.activations, token, config.n_steps, layers)
-        if config.method == "reference" or ids_with.shape[1] < 2:
+        if not fast:
             scores = reference_scores(self.model, ids_with, *args)
         else:
             # The cache of all tokens but the last, from its own pass: cropping the full prompt's
@@ -306,7 +392,8 @@ class ContextAwareIntegratedGradients:
             with torch.no_grad():
                 prefix = self.model(ids_with[:, :-1], use_cache=True,
                                     **_last_logits_kwargs(self.model)).past_key_values
-            scores = fast_scores(self.model, ids_with, prefix, *args, config.internal_batch_size)
+            scores = fast_scores(self.model, ids_with, prefix, *args, config.internal_batch_size,
+                                 layer_outputs=with_.layer_outputs)
         return Attribution(
             example.id, token, scores.detach().float().cpu(), with_.prob, without.prob,
             activations_with=with_.activations.float().cpu(),

@@ -67,24 +67,45 @@ def prompt_of_length(tokenizer: Any, n_tokens: int) -> ConflictExample:
     })
 
 
+ATTRIBUTION_METHODS = ("fast", "full-stack", "reference")
+"""``fast``: the product's path; ``full-stack``: the same cached path running every layer in
+each pass (ircan-serve 0.1's fast path); ``reference``: one layer at a time, full sequence."""
+
+
 @dataclass
 class AttributionBench:
-    tokens: int
+    label: str
+    tokens: float
+    """Mean prompt length of the timed examples."""
     layers: int
-    fast_s: float
-    reference_s: float
-    fast_mib: float
-    reference_mib: float
-    max_abs_diff: float
+    examples: int
+    seconds: dict[str, float]
+    """Method -> seconds per example."""
+    mib: dict[str, float]
+    """Method -> peak RSS above the loaded model."""
+    max_abs_diff: dict[str, float]
+    """Method -> max |score - reference score| over the examples."""
     max_abs_score: float
 
+    def ratio(self, slow: str, fast: str = "fast") -> float:
+        return self.seconds[slow] / self.seconds[fast]
 
-def _attribution_worker(model_spec: str, n_tokens: int, method: str, layers: list[int],
-                        n_steps: int) -> tuple[int, float, float, Any]:
-    """In a fresh process: load, warm up with the timed shapes, then time one attribution.
 
-    Memory is the peak RSS above the level after loading the model, warm-up included, so each
-    method's working set is measured alone.
+def _bench_examples(tokenizer: Any, source: str) -> list[ConflictExample]:
+    """``len:N`` -> the padded shipped example of ~N tokens; ``FILE[:K]`` -> the first K rows (3)."""
+    if source.startswith("len:"):
+        return [prompt_of_length(tokenizer, int(source[4:]))]
+    path, _, k = source.rpartition(":") if source.rsplit(":", 1)[-1].isdigit() else (source, "", "3")
+    return load_examples(path, limit=int(k), tokenizer=tokenizer).examples
+
+
+def _attribution_worker(model_spec: str, source: str, method: str, layers: list[int] | None,
+                        n_steps: int) -> tuple[float, float, float, list[Any]]:
+    """In a fresh process: load, warm up with the timed shapes, then time each example.
+
+    Returns mean prompt tokens, seconds per example, peak MiB and the scores. Memory is the peak
+    RSS above the level after loading the model, warm-up included, so each method's working set
+    is measured alone.
     """
     import torch
 
@@ -93,46 +114,58 @@ def _attribution_worker(model_spec: str, n_tokens: int, method: str, layers: lis
     from .models import load_model
 
     lm = load_model(model_spec)
-    ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
-    example = prompt_of_length(lm.tokenizer, n_tokens)
-    config = AttributionConfig(method=method, layers=layers, n_steps=n_steps)  # type: ignore[arg-type]
-    warm = config.model_copy(update={"layers": layers[:1]}) if method == "reference" else config
+    ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer, replay_lower_layers=method != "full-stack")
+    examples = _bench_examples(lm.tokenizer, source)
+    config = AttributionConfig(method="reference" if method == "reference" else "fast",
+                               layers=layers, n_steps=n_steps)
+    warm = config.model_copy(update={"layers": (layers or [0])[:1]}) if method == "reference" else config
     with PeakRSS() as mem:
-        ig.attribute(example, warm)  # the first call of a shape pays for kernel selection
+        ig.attribute(examples[0], warm)  # the first call of a shape pays for kernel selection
         t0 = time.perf_counter()
-        result = ig.attribute(example, config)
-        seconds = time.perf_counter() - t0
-    n_tok = len(lm.tokenizer(example.prompt)["input_ids"])
-    return n_tok, seconds, mem.mib, torch.Tensor.numpy(result.scores)
+        scores = [torch.Tensor.numpy(ig.attribute(e, config).scores) for e in examples]
+        seconds = (time.perf_counter() - t0) / len(examples)
+    n_tok = sum(len(lm.tokenizer(e.prompt)["input_ids"]) for e in examples) / len(examples)
+    return n_tok, seconds, mem.mib, scores
 
 
-def bench_attribution(model_spec: str, lengths: list[int], n_steps: int,
+def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
                       reference_layers: int | None) -> list[AttributionBench]:
-    """Time fast and reference attribution on the same example and layers, each in its own process."""
+    """Time the three methods on the same examples and layers, each in its own process.
+
+    ``sources``: ``len:N`` (a shipped question padded to ~N tokens) or ``FILE[:K]`` (its first K
+    rows, e.g. MemoTrap). Every layer is scored for prompts under 100 tokens, 3 above (the
+    reference is slow), unless ``reference_layers`` says otherwise.
+    """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     import numpy as np
     from transformers import AutoConfig
+    from tqdm.auto import tqdm
 
     from .models import resolve_model
 
     n_layers = AutoConfig.from_pretrained(resolve_model(model_spec)).num_hidden_layers
-
     rows = []
-    for n in lengths:
-        k = reference_layers or (n_layers if n < 100 else 3)
-        layers = sorted({round(i * (n_layers - 1) / max(1, k - 1)) for i in range(k)})
-        out = {}
-        for method in ("fast", "reference"):
-            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-                out[method] = pool.submit(_attribution_worker, model_spec, n, method, layers, n_steps).result()
-        (n_tok, fast_s, fast_mib, fast), (_, ref_s, ref_mib, ref) = out["fast"], out["reference"]
-        rows.append(AttributionBench(
-            tokens=n_tok, layers=len(layers), fast_s=fast_s, reference_s=ref_s,
-            fast_mib=fast_mib, reference_mib=ref_mib,
-            max_abs_diff=float(np.abs(fast - ref).max()), max_abs_score=float(np.abs(ref).max()),
-        ))
+    with tqdm(total=len(sources) * len(ATTRIBUTION_METHODS), desc="bench attribution", unit="run") as bar:
+        for source in sources:
+            long = source.startswith("len:") and int(source[4:]) >= 100
+            k = reference_layers or (3 if long else n_layers)
+            layers = sorted({round(i * (n_layers - 1) / max(1, k - 1)) for i in range(k)})
+            out = {}
+            for method in ATTRIBUTION_METHODS:
+                with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                    out[method] = pool.submit(_attribution_worker, model_spec, source, method, layers,
+                                              n_steps).result()
+                bar.update(1)
+            ref = out["reference"][3]
+            rows.append(AttributionBench(
+                label=source, tokens=out["fast"][0], layers=len(layers), examples=len(ref),
+                seconds={m: o[1] for m, o in out.items()}, mib={m: o[2] for m, o in out.items()},
+                max_abs_diff={m: max(float(np.abs(a - b).max()) for a, b in zip(o[3], ref))
+                              for m, o in out.items()},
+                max_abs_score=max(float(np.abs(r).max()) for r in ref),
+            ))
     return rows
 
 
@@ -158,17 +191,23 @@ def run(ns: argparse.Namespace) -> None:
         print_serve(bench_serve(ns.checkpoint, ns.base, ns.concurrency, ns.max_tokens), ns.concurrency)
         return
     if ns.bench == "attribution":
-        rows = bench_attribution(ns.model, ns.lengths, ns.n_steps, ns.reference_layers)
-        table = Table(title=f"attribution, {ns.model}, m = {ns.n_steps}, one run; each method "
-                            "in its own process, peak = RSS above the loaded model")
-        for col in ("prompt tokens", "layers", "reference s", "fast s", "speed-up",
-                    "reference peak MiB", "fast peak MiB", "max |diff| / max |score|"):
+        sources = [f"len:{n}" for n in ns.lengths] + list(ns.data)
+        rows = bench_attribution(ns.model, sources, ns.n_steps, ns.reference_layers)
+        table = Table(title=f"attribution, {ns.model}, m = {ns.n_steps}, one run; seconds per example, "
+                            "each method in its own process, peak = RSS above the loaded model")
+        for col in ("examples", "prompt tokens", "layers", "reference s", "full-stack s", "fast s",
+                    "fast vs reference", "fast vs full-stack", "peak MiB ref / full / fast",
+                    "max |fast - ref| / max |score|"):
             table.add_column(col, justify="right")
         for r in rows:
-            table.add_row(str(r.tokens), str(r.layers), f"{r.reference_s:.2f}", f"{r.fast_s:.2f}",
-                          f"{r.reference_s / r.fast_s:.1f}x", f"{r.reference_mib:.0f}",
-                          f"{r.fast_mib:.0f}", f"{r.max_abs_diff / r.max_abs_score:.1e}")
-        Console(width=160).print(table)
+            table.add_row(
+                f"{r.label} ({r.examples})", f"{r.tokens:.0f}", str(r.layers), f"{r.seconds['reference']:.2f}",
+                f"{r.seconds['full-stack']:.2f}", f"{r.seconds['fast']:.2f}", f"{r.ratio('reference'):.1f}x",
+                f"{r.ratio('full-stack'):.2f}x",
+                " / ".join(f"{r.mib[m]:.0f}" for m in ("reference", "full-stack", "fast")),
+                f"{r.max_abs_diff['fast'] / r.max_abs_score:.1e}",
+            )
+        Console(width=180).print(table)
 
 
 # --------------------------------------------------------------------------- serving

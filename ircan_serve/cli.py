@@ -84,16 +84,27 @@ def cmd_attribute(ns: argparse.Namespace) -> None:
     from .pipeline import load_checked_data, store_header
 
     config = config_from_flags(ns, AttributionConfig)
+    if ns.workers < 1:
+        raise IrcanError(f"--workers must be at least 1, not {ns.workers}")
+    if ns.address:
+        from .distributed import check_address
+
+        check_address(ns.address)  # before loading anything
     lm = load_model(ns.model, device=ns.device, dtype=ns.dtype)
     data = load_checked_data(lm, ns.data, ns.format, skip_invalid=ns.skip_invalid, limit=ns.limit)
-    results = attribute_examples(
-        lm.model, lm.tokenizer, data.examples, config,
-        store=AttributionStore(ns.store), header=store_header(lm, ns.data, ns.format),
-    )
+    store, header = AttributionStore(ns.store), store_header(lm, ns.data, ns.format)
+    if ns.workers > 1 or ns.address:
+        from .distributed import attribute_on_ray
+
+        results = attribute_on_ray(lm.source, data.examples, config, workers=ns.workers, store=store,
+                                   header=header, address=ns.address, dtype=ns.dtype, device=ns.device)
+    else:
+        results = attribute_examples(lm.model, lm.tokenizer, data.examples, config, store=store, header=header)
     gain = sum(r.prob_with_context - r.prob_without_context for r in results) / len(results)
     _summary("attribution", {
         "model": lm.name, "examples": len(results), "skipped rows": len(data.skipped) or "none",
         "method": config.method, "steps": config.n_steps, "store": ns.store,
+        "workers": f"{ns.workers} (Ray{' at ' + ns.address if ns.address else ', local'})" if ns.workers > 1 or ns.address else 1,
         "mean P(answer) gain from context": f"{gain:+.3f}",
     })
     if data.skipped:
@@ -373,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (device_map='auto')")
     p.add_argument("--limit", type=int, help="use only the first N rows")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report them")
+    p.add_argument("--workers", type=int, default=1,
+                   help="model replicas on Ray (one actor each, one GPU each on a GPU host); needs "
+                        "the [ray] extra")
+    p.add_argument("--address", help="join this Ray cluster (HOST:PORT, auto, ray://HOST:10001) "
+                                     "instead of starting a local one")
     add_config_flags(p, AttributionConfig)
     p.set_defaults(func=cmd_attribute)
 
@@ -472,9 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     bsub = p.add_subparsers(dest="bench", required=True)
-    b = bsub.add_parser("attribution", help="fast vs reference attribution on SmolLM2")
+    b = bsub.add_parser("attribution", help="fast vs full-stack vs reference attribution on SmolLM2")
     b.add_argument("--model", default="smollm2")
-    b.add_argument("--lengths", type=int, nargs="+", default=[30, 300], help="prompt lengths (tokens)")
+    b.add_argument("--lengths", type=int, nargs="*", default=[30, 300], help="prompt lengths (tokens)")
+    b.add_argument("--data", nargs="*", default=[], metavar="FILE[:K]",
+                   help="also time the first K (default 3) rows of a data file, e.g. "
+                        "../shared/data/memotrap/...:3")
     b.add_argument("--reference-layers", type=int, default=None,
                    help="score only this many layers (spread over the depth) in both methods; "
                         "default: all for prompts under 100 tokens, 3 above")

@@ -110,6 +110,10 @@ class Recipe(_Settings):
         "with the signed rule, 1/beta on the neurons that push away from the context's answer."
     )
     attribution: AttributionConfig = AttributionConfig()
+    workers: int = Field(1, ge=1, description="Model replicas for attribution; above 1 it runs on Ray "
+                         "(pip install 'ircan-serve[ray]'), one actor per replica.")
+    ray_address: str | None = Field(None, description="Join this Ray cluster (HOST:PORT, 'auto' or "
+                                    "ray://HOST:10001) instead of starting a local one.")
     selection: SelectionConfig = SelectionConfig()
     output: str | None = Field(None, description="Checkpoint folder (default export/out/NAME).")
 

@@ -183,10 +183,21 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
         raise IrcanError(f"{output} already exists; pass --force to replace it")
     lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     data = recipe_data(recipe, lm, progress=progress, out_root=out_root)
-    neurons = find_context_neurons(
-        lm.model, lm.tokenizer, data.attribution, recipe.attribution, recipe.selection,
-        store=store, header=store_header(lm, recipe.data, recipe.data_format), progress=progress,
-    )
+    header = store_header(lm, recipe.data, recipe.data_format)
+    if recipe.workers > 1 or recipe.ray_address:
+        from .distributed import attribute_on_ray
+
+        records = attribute_on_ray(
+            lm.source, data.attribution, recipe.attribution, workers=recipe.workers,
+            store=AttributionStore(store), header=header, address=recipe.ray_address,
+            dtype=recipe.dtype, device=recipe.device, progress=progress,
+        )
+        neurons = select_neurons(records, recipe.selection)
+    else:
+        neurons = find_context_neurons(
+            lm.model, lm.tokenizer, data.attribution, recipe.attribution, recipe.selection,
+            store=store, header=header, progress=progress,
+        )
     neurons = neurons.scaled(recipe.beta, recipe.selection.rule)
     neurons_file = store / "neurons.json"
     neurons.save(neurons_file)

@@ -126,6 +126,12 @@ def example_top_neurons(scores: torch.Tensor, threshold: float, top_z: int) -> l
     return [(int(keep[i]) // d_ff, int(keep[i]) % d_ff, float(values[i])) for i in order]
 
 
+def _summary(value: float) -> float:
+    """6 significant digits: runs that differ only in float summation order (thread counts, Ray
+    workers) write the same neurons.json."""
+    return float(f"{float(value):.6g}")
+
+
 def select_neurons(
     records: Iterable[Attribution | torch.Tensor], config: SelectionConfig = SelectionConfig()
 ) -> NeuronSet:
@@ -154,8 +160,8 @@ def select_neurons(
         raise IrcanError("no attribution scores to select from")
     ranked = sorted(counts, key=lambda k: (-counts[k], -sums[k] / counts[k], k))
     neurons = [
-        Neuron(layer=k[0], index=k[1], count=counts[k], mean_score=sums[k] / counts[k],
-               effect=float(effect_sum[k]) if has_effects and effect_sum is not None else None)
+        Neuron(layer=k[0], index=k[1], count=counts[k], mean_score=_summary(sums[k] / counts[k]),
+               effect=_summary(float(effect_sum[k])) if has_effects and effect_sum is not None else None)
         for k in ranked[: config.num_neurons]
     ]
     return NeuronSet(neurons=neurons, selection=config, n_examples=n)

@@ -215,3 +215,60 @@ def test_fast_path_on_sliding_window_caches(tiny_tokenizer, conflicts, model_typ
     fast = ig.attribute(ex, AttributionConfig(n_steps=3)).scores
     ref = ig.attribute(ex, AttributionConfig(n_steps=3, method="reference")).scores
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def _four_layer_llama(tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    cfg = tiny_config("llama", len(tiny_tokenizer))
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("internal_batch_size", [5, 10, 15, 100])
+def test_fast_path_starting_at_the_patched_layer_equals_reference(tiny_tokenizer, conflicts, internal_batch_size):
+    """Layers below each pass's lowest patched layer are replayed from the plain pass, whatever
+    the chunking (1, 2, 3 or all 4 layers per pass); the scores stay the reference's."""
+    model = _four_layer_llama(tiny_tokenizer)
+    ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
+    ex = conflicts[2]
+    fast = ig.attribute(ex, AttributionConfig(n_steps=5, internal_batch_size=internal_batch_size)).scores
+    ref = ig.attribute(ex, AttributionConfig(n_steps=5, method="reference")).scores
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_layers_below_the_patch_are_not_run(tiny_tokenizer, conflicts):
+    """Scoring layers 2 and 3 runs layers 0-1 only in the three plain passes (without context,
+    with context, prefix), never in the integrated-gradient passes; afterwards every layer
+    computes normally again."""
+    model = _four_layer_llama(tiny_tokenizer)
+    calls = [0] * 4
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
+    ig.attribute(conflicts[0], AttributionConfig(n_steps=4, internal_batch_size=4, layers=[2, 3]))
+    assert calls[:2] == [3, 3]  # the plain passes only
+    assert calls[2:] == [4, 5]  # + its own pass; layer 3 runs in both passes
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    calls[:] = [0] * 4
+    model(torch.tensor([[1, 2, 3]]))
+    assert calls == [1, 1, 1, 1]
+
+
+def test_prefix_cache_is_left_unchanged(tiny_tokenizer, conflicts):
+    """The integrated-gradient passes read the prefix cache through expanded views."""
+    from ircan_serve.attribution import _cache_view, _ids
+
+    model = _four_layer_llama(tiny_tokenizer)
+    ids = _ids(tiny_tokenizer, conflicts[0].prompt, torch.device("cpu"))
+    prefix = model(ids[:, :-1], use_cache=True).past_key_values
+    before = [layer.keys.clone() for layer in prefix.layers]
+    assert [layer.keys.shape[0] for layer in _cache_view(prefix, 6, first_layer=2).layers] == [1, 1, 6, 6]
+    view = _cache_view(prefix, 6)
+    model(ids[:, -1:].expand(6, 1), past_key_values=view, use_cache=True)
+    assert view.get_seq_length() == ids.shape[1]
+    assert all(torch.equal(b, layer.keys) for b, layer in zip(before, prefix.layers))
+    assert prefix.get_seq_length() == ids.shape[1] - 1
