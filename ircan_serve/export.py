@@ -119,7 +119,13 @@ def _check_inputs(base: Path, neurons: NeuronSet, beta: float | None, output: Pa
     if output.resolve() == base.resolve():
         raise IrcanError("the output folder is the base model's folder; choose another")
     if not list(base.glob("*.safetensors")):
-        raise IrcanError(f"{base} has no .safetensors weights; convert it with save_pretrained first")
+        bins = sorted(p.name for p in base.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        found = f"only {', '.join(bins[:3])}{' ...' if len(bins) > 3 else ''}" if bins else "no weights"
+        raise IrcanError(
+            f"{base} has {found}: export reads and writes safetensors only (pickled .bin files can run "
+            "code when loaded). Convert it once: python -c \"from transformers import AutoModelForCausalLM; "
+            f"AutoModelForCausalLM.from_pretrained('{base}', dtype='auto').save_pretrained('{base}-safetensors')\""
+        )
     config = AutoConfig.from_pretrained(base)
     layout = layout_for(config.model_type)
     n_layers = config.num_hidden_layers

@@ -272,3 +272,11 @@ def test_prefix_cache_is_left_unchanged(tiny_tokenizer, conflicts):
     assert view.get_seq_length() == ids.shape[1]
     assert all(torch.equal(b, layer.keys) for b, layer in zip(before, prefix.layers))
     assert prefix.get_seq_length() == ids.shape[1] - 1
+
+
+def test_passes_group_nearby_layers_only():
+    from ircan_serve.attribution import _chunks
+
+    assert _chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert _chunks([0, 14, 29], 6) == [[0], [14], [29]]
+    assert _chunks([0, 2, 3, 9, 10], 4) == [[0, 2, 3], [9, 10]]

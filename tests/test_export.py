@@ -155,3 +155,45 @@ def test_checkpoint_without_base_model_prefix(tmp_path, tiny_model_dirs):
     base_lm = load_model(str(base))
     with reweighted(base_lm.model, neurons, 3.0):
         torch.testing.assert_close(base_lm.model(ids).logits, load_model(str(out)).model(ids).logits)
+
+
+def test_sharded_bfloat16_base_keeps_dtype_shards_and_index(tmp_path, tiny_llama_dir):
+    """A base saved in bfloat16 over several shards: the export has the same shard files, the
+    index, bfloat16 tensors, and reloads as the base reweighted in memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    model.save_pretrained(base, max_shard_size="300KB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(base)
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 1 and (base / "model.safetensors.index.json").is_file()
+    out = tmp_path / "patched"
+    export_checkpoint(str(base), NEURONS, 3.0, out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert json.loads((out / "model.safetensors.index.json").read_text()) == \
+        json.loads((base / "model.safetensors.index.json").read_text())
+    for shard in shards:
+        with safe_open(str(out / shard), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    patched = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad(), reweighted(model, NEURONS, 3.0):
+        expected = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, expected, rtol=0, atol=0)
+    assert verify_checkpoint(out, base=str(base)).ok
+
+
+def test_bin_only_checkpoint_is_refused_with_the_conversion(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "legacy"  # the pre-safetensors layout (transformers 5 no longer writes it)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    base.mkdir()
+    model.config.save_pretrained(base)
+    torch.save(model.state_dict(), base / "pytorch_model.bin")
+    assert not list(base.glob("*.safetensors")) and (base / "pytorch_model.bin").is_file()
+    with pytest.raises(IrcanError, match=r"only pytorch_model\.bin.*safetensors only.*save_pretrained"):
+        export_checkpoint(str(base), NEURONS, 3.0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
