@@ -199,47 +199,76 @@ def _map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return fn(output)
 
 
-def _cache_view(prefix: Any, rows: int, first_layer: int = 0) -> Any:
-    """A KV cache for ``rows`` copies of the prompt, sharing ``prefix``'s tensors (expanded along
-    the batch, not copied) so that running more tokens through it leaves ``prefix`` unchanged.
-
-    Layers below ``first_layer`` are not expanded: :func:`fast_scores` does not run them.
-    Caches without per-layer key/value tensors fall back to a deep copy.
+def _cache_view(prefix: Any, rows: int | Sequence[int]) -> Any:
+    """A KV cache for ``rows`` copies of the prompt (one count for every layer, or one per
+    layer), sharing ``prefix``'s tensors (expanded along the batch, not copied) so that running
+    more tokens through it leaves ``prefix`` unchanged. A layer given 0 rows is left as it is:
+    :func:`fast_scores` does not run it. Caches without per-layer key/value tensors fall back to
+    a deep copy (with one count for every layer).
     """
     layers = getattr(prefix, "layers", None)
+    per_layer = [rows] * len(layers or []) if isinstance(rows, int) else list(rows)
     if not isinstance(layers, list) or not all(
         isinstance(getattr(c, "keys", None), torch.Tensor) and isinstance(getattr(c, "values", None), torch.Tensor)
         for c in layers
     ):
         cache = copy.deepcopy(prefix)
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
+        n = rows if isinstance(rows, int) else max(rows)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
         return cache
     view = copy.copy(prefix)
     view.layers = []
-    for i, layer in enumerate(layers):
+    for layer, n in zip(layers, per_layer):
         own = copy.copy(layer)
-        if i >= first_layer and rows > 1:
-            own.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-            own.values = layer.values.expand(rows, *layer.values.shape[1:])
+        if n > 1:
+            own.keys = layer.keys.expand(n, *layer.keys.shape[1:])
+            own.values = layer.values.expand(n, *layer.values.shape[1:])
         view.layers.append(own)
     return view
 
 
+def _first_rows(value: Any, rows: int, n: int) -> Any:
+    """``value`` (a layer's argument) cut to its first ``n`` of ``rows`` batch rows."""
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.dim() > 0 and value.shape[0] == rows else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_rows(v, rows, n) for v in value)
+    return value
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 @contextmanager
-def _replayed_layers(layers: Sequence[torch.nn.Module], outputs: Sequence[Any], rows: int) -> Iterator[None]:
-    """Make each of ``layers`` return its recorded last-position output (for ``rows`` rows)
-    instead of computing it: below a patched layer, every row's hidden state equals the plain
-    pass's."""
+def _active_rows_only(layers: Sequence[torch.nn.Module], outputs: Sequence[Any], active: Sequence[int],
+                      rows: int) -> Iterator[None]:
+    """Make layer ``k`` compute only its first ``active[k]`` rows; the other rows take the
+    layer's recorded last-position output.
+
+    Rows are ordered by the layer they patch, so at layer ``k`` the rows that patch a layer above
+    ``k`` come last, and for them nothing has changed yet: their hidden state is the plain
+    pass's. A layer with no active row is not run at all.
+    """
     saved: list[tuple[torch.nn.Module, Any]] = []
     try:
-        for layer, out in zip(layers, outputs):
+        for layer, out, n in zip(layers, outputs, active):
+            if n >= rows:
+                continue
             saved.append((layer, layer.__dict__.get("forward")))  # an accelerate hook may live there
+            original = layer.forward
 
-            def replay(*_args: Any, _out: Any = out, **_kwargs: Any) -> Any:
-                return _map_hidden(_out, lambda h: h.expand(rows, *h.shape[1:]))
+            def limited(*args: Any, _out: Any = out, _n: int = n, _run: Any = original, **kwargs: Any) -> Any:
+                if _n == 0:
+                    return _map_hidden(_out, lambda h: h.expand(rows, *h.shape[1:]))
+                result = _run(*(_first_rows(a, rows, _n) for a in args),
+                              **{k: _first_rows(v, rows, _n) for k, v in kwargs.items()})
+                rest = _hidden(_out)
+                return _map_hidden(result, lambda h: torch.cat(
+                    [h, rest.to(h.dtype).expand(rows - _n, *h.shape[1:])], dim=0))
 
-            layer.forward = replay  # type: ignore[method-assign]
+            layer.forward = limited  # type: ignore[method-assign]
         yield
     finally:
         for layer, previous in saved:
@@ -296,16 +325,9 @@ def reference_scores(
 
 
 def _chunks(layers: Sequence[int], per_pass: int) -> list[list[int]]:
-    """Sorted layers in passes of at most ``per_pass`` layers spanning at most ``per_pass``
-    consecutive indices: a pass runs the stack from its lowest layer up, so scattered layers
-    (0, 14, 29) get a pass each and the higher ones skip most of the stack."""
-    chunks: list[list[int]] = []
-    for layer in layers:
-        if chunks and len(chunks[-1]) < per_pass and layer - chunks[-1][0] < per_pass:
-            chunks[-1].append(layer)
-        else:
-            chunks.append([layer])
-    return chunks
+    """Sorted layers in passes of at most ``per_pass`` layers."""
+    ordered = sorted(layers)
+    return [ordered[i : i + per_pass] for i in range(0, len(ordered), per_pass)]
 
 
 def fast_scores(
@@ -326,7 +348,8 @@ def fast_scores(
     Each pass recomputes only the last token, for ``layers_per_pass * m`` rows, where rows
     ``[g*m, (g+1)*m)`` patch layer ``chunk[g]``. Rows are independent, so one backward pass yields
     every layer's gradients. With ``layer_outputs`` (each decoder layer's last-position output in
-    the plain pass with ``prefix``), layers below the chunk's lowest are replayed, not run.
+    the plain pass), layer ``k`` computes only the rows that patch a layer ``<= k``: a row's work
+    starts at its own layer, whatever the pass size.
     """
     projections = ffn_out_projections(model)
     blocks = decoder_layers(model)
@@ -334,18 +357,21 @@ def fast_scores(
     last = input_ids[:, -1:]  # (1, 1)
     per_pass = max(1, internal_batch_size // n_steps)
     scores = torch.zeros_like(target, dtype=torch.float32)
-    for chunk in _chunks(sorted(layers), per_pass):
+    for chunk in _chunks(layers, per_pass):
         rows = len(chunk) * n_steps
-        first = chunk[0] if layer_outputs is not None else 0
+        # rows [g*m, (g+1)*m) patch chunk[g]; at layer k only the rows of chunk layers <= k differ
+        # from the plain pass, so only they are computed (all rows, without recorded outputs)
+        active = ([n_steps * sum(1 for c in chunk if c <= k) for k in range(len(blocks))]
+                  if layer_outputs is not None else [rows] * len(blocks))
         deltas = target[chunk] - baseline[chunk]  # (g, d_ff)
         points = (baseline[chunk][:, None, :] + alphas[None, :, None] * deltas[:, None, :])
         points = points.requires_grad_()  # (g, m, d_ff)
         patches = {
             layer: (slice(g * n_steps, (g + 1) * n_steps), points[g]) for g, layer in enumerate(chunk)
         }
-        cache = _cache_view(prefix, rows, first)
-        replayed = (blocks[:first], (layer_outputs or [])[:first])
-        with _patched_last_position(projections, patches), _replayed_layers(*replayed, rows):
+        cache = _cache_view(prefix, active)
+        limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows)
+        with _patched_last_position(projections, patches), limited:
             logits = model(
                 last.expand(rows, 1), past_key_values=cache, use_cache=True,
                 **_last_logits_kwargs(model),

@@ -199,13 +199,15 @@ def bench_ray(model_spec: str, rows: int, workers: int, n_steps: int) -> dict[st
     finally:
         ray.shutdown()
     selection = SelectionConfig(num_neurons=10)
-    same = [a.neurons == b.neurons for a, b in [(select_neurons(one, selection), select_neurons(many, selection))]]
+    def ranked(records: list[Any]) -> list[tuple[int, int, int]]:
+        return [(n.layer, n.index, n.count) for n in select_neurons(records, selection).neurons]
+
     return {
         "rows": len(examples), "workers": workers, "one_s": one_s, "ray_s": ray_s, "init_s": init_s,
         "max_rel_diff": max(float((a.scores - b.scores).abs().max() / b.scores.abs().max())
                             for a, b in zip(one, many)),
         "bitwise": all(torch.equal(a.scores, b.scores) for a, b in zip(one, many)),
-        "same_neurons": same[0],
+        "same_neurons": ranked(one) == ranked(many),
     }
 
 
@@ -233,7 +235,7 @@ def run(ns: argparse.Namespace) -> None:
             f"attribution of {r['rows']} shipped rows, {ns.model}, one run: 1 process {r['one_s']:.1f} s, "
             f"{r['workers']} Ray workers {r['ray_s']:.1f} s (their model loads included; Ray start-up "
             f"{r['init_s']:.1f} s apart): {r['one_s'] / r['ray_s']:.2f}x. Scores: max |diff| / max |score| "
-            f"{r['max_rel_diff']:.1e} (bit-identical: {r['bitwise']}); same top-10 neurons: {r['same_neurons']}")
+            f"{r['max_rel_diff']:.1e} (bit-identical: {r['bitwise']}); same top-10 neurons and counts: {r['same_neurons']}")
         return
     if ns.bench == "serve":
         print_serve(bench_serve(ns.checkpoint, ns.base, ns.concurrency, ns.max_tokens), ns.concurrency)

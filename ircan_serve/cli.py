@@ -522,12 +522,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _vllm_flags_taking_a_value() -> dict[str, bool] | None:
+    """vLLM's server options -> whether each takes a value, from vLLM's own parser (None when
+    vLLM cannot be imported here)."""
+    try:
+        try:  # the module moved between vLLM releases
+            from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        except ImportError:
+            from vllm.entrypoints.openai.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except Exception:  # noqa: BLE001 - any import failure means "ask no one"
+        return None
+    parser = make_arg_parser(FlexibleArgumentParser())
+    return {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
+
+
+def split_serve_args(serve: argparse.ArgumentParser, args: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``ircan serve``'s arguments into its own and vLLM's, wherever they are placed:
+    ``serve --max-num-seqs 4 DIR`` must not take ``4`` for the folder. Whether an unknown flag
+    takes a value is asked of vLLM's own parser (``--flag=value`` needs no asking)."""
+    own = {opt: action.nargs != 0 for action in serve._actions for opt in action.option_strings}
+    vllm_arity: dict[str, bool] | None = None
+    mine: list[str] = []
+    passed: list[str] = []
+    positional: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        name = token.split("=", 1)[0]
+        if token == "--":
+            positional += args[i + 1:]
+            break
+        if not token.startswith("-") or token == "-":
+            positional.append(token)
+        elif name in own:
+            mine.append(token)
+            if own[name] and "=" not in token and i + 1 < len(args):
+                i += 1
+                mine.append(args[i])
+        else:
+            passed.append(token)
+            if "=" not in token and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                if vllm_arity is None:
+                    vllm_arity = _vllm_flags_taking_a_value() or {}
+                if vllm_arity.get(name, True):  # unknown to vLLM too: assume a value follows
+                    i += 1
+                    passed.append(args[i])
+        i += 1
+    return positional + mine, passed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    vllm_args: list[str] = []
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "serve":
+        serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+        rest, vllm_args = split_serve_args(serve, argv[command + 1:])
+        argv = argv[: command + 1] + rest
     ns, unknown = parser.parse_known_args(argv)
-    if unknown and ns.command != "serve":
+    if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    ns.vllm_args = unknown
+    ns.vllm_args = vllm_args
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

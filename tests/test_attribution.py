@@ -266,7 +266,7 @@ def test_prefix_cache_is_left_unchanged(tiny_tokenizer, conflicts):
     ids = _ids(tiny_tokenizer, conflicts[0].prompt, torch.device("cpu"))
     prefix = model(ids[:, :-1], use_cache=True).past_key_values
     before = [layer.keys.clone() for layer in prefix.layers]
-    assert [layer.keys.shape[0] for layer in _cache_view(prefix, 6, first_layer=2).layers] == [1, 1, 6, 6]
+    assert [layer.keys.shape[0] for layer in _cache_view(prefix, [0, 0, 6, 6]).layers] == [1, 1, 6, 6]
     view = _cache_view(prefix, 6)
     model(ids[:, -1:].expand(6, 1), past_key_values=view, use_cache=True)
     assert view.get_seq_length() == ids.shape[1]
@@ -274,9 +274,16 @@ def test_prefix_cache_is_left_unchanged(tiny_tokenizer, conflicts):
     assert prefix.get_seq_length() == ids.shape[1] - 1
 
 
-def test_passes_group_nearby_layers_only():
-    from ircan_serve.attribution import _chunks
-
-    assert _chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert _chunks([0, 14, 29], 6) == [[0], [14], [29]]
-    assert _chunks([0, 2, 3, 9, 10], 4) == [[0, 2, 3], [9, 10]]
+def test_each_layer_computes_only_the_rows_that_patch_it_or_a_lower_layer(tiny_tokenizer, conflicts):
+    """One pass for layers 0 and 2 of 4 (m = 3, 6 rows): layer 0 and 1 compute the 3 rows that
+    patch layer 0, layers 2 and 3 all 6; the other rows carry the recorded hidden states."""
+    model = _four_layer_llama(tiny_tokenizer)
+    seen: list[list[int]] = [[] for _ in range(4)]
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].shape[0]))
+    ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
+    ex = conflicts[1]
+    fast = ig.attribute(ex, AttributionConfig(n_steps=3, internal_batch_size=6, layers=[0, 2])).scores
+    assert [rows[-1] for rows in seen] == [3, 3, 6, 6]
+    ref = ig.attribute(ex, AttributionConfig(n_steps=3, method="reference", layers=[0, 2])).scores
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -62,6 +62,23 @@ def test_unreachable_server_is_a_clear_error():
         list(chat.stream("hi"))
 
 
+def test_errors_stay_openai_types_so_langchain_retry_matches():
+    """with_retry(retry_if_exception_type=(openai.APIConnectionError,)) retries our error."""
+    import openai
+
+    calls = []
+
+    def counting(_: object) -> None:
+        calls.append(1)
+
+    chat = ChatIrcan(model="m", base_url=DEAD_URL, max_retries=0)
+    chain = chat.with_listeners(on_start=counting).with_retry(
+        retry_if_exception_type=(openai.APIConnectionError,), stop_after_attempt=3, wait_exponential_jitter=False)
+    with pytest.raises(openai.APIConnectionError, match="is `ircan serve` running") as info:
+        chain.invoke("hi")
+    assert isinstance(info.value, IrcanError) and len(calls) == 3
+
+
 async def test_unreachable_server_async():
     with pytest.raises(IrcanConnectionError):
         await ChatIrcan(model="m", base_url=DEAD_URL, max_retries=0).ainvoke("hi")

@@ -30,8 +30,31 @@ def _gone(pgid: int) -> bool:
     return False
 
 
+def _group_processes(pgid: int) -> list:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid:
+                out.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def _wait_gone(pgid: int, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _gone(pgid):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_cpu_defaults_in_command(tmp_path):
-    cmd = build_command(tmp_path, ServeConfig(extra_args=["--max-num-seqs", "4"]), 8001, "m")
+    cmd = build_command(tmp_path, ServeConfig(extra_args=["--max-num-seqs", "4"], api_key="secret"), 8001, "m")
+    assert "secret" not in cmd and "--api-key" not in cmd  # the key travels in VLLM_API_KEY
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(cmd)
     assert "--host 127.0.0.1 --port 8001" in joined and "--generation-config vllm" in joined
@@ -48,6 +71,18 @@ def test_rejects_folders_that_are_not_checkpoints(tmp_path, tiny_llama_dir):
         VLLMServer(tmp_path)
     with pytest.raises(IrcanError, match="not an exported IRCAN checkpoint"):
         VLLMServer(tiny_llama_dir)
+
+
+def test_non_loopback_host_without_key_warns(patched_smollm2, monkeypatch, caplog):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with caplog.at_level("WARNING", logger="ircan_serve.serving"):
+        VLLMServer(patched_smollm2, ServeConfig(host="0.0.0.0"))
+    assert "without an API key" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("VLLM_API_KEY", "k")
+    with caplog.at_level("WARNING", logger="ircan_serve.serving"):
+        server = VLLMServer(patched_smollm2, ServeConfig(host="0.0.0.0"))
+    assert "without an API key" not in caplog.text and server.api_key == "k"
 
 
 def test_busy_port_is_reported(patched_smollm2):
@@ -72,10 +107,80 @@ def test_server_dying_at_start_reports_log_and_leaves_no_process(tmp_path, patch
 
 def test_models_endpoint_and_api_key(vllm_server, patched_smollm2):
     url = vllm_server.base_url + "/models"
-    assert httpx.get(url, timeout=10).status_code == 401
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}):  # missing or wrong key: 401 on /v1/*
+        assert httpx.get(url, headers=headers, timeout=10).status_code == 401
+        assert httpx.post(vllm_server.base_url + "/completions", headers=headers, timeout=10,
+                          json={"model": vllm_server.model_name, "prompt": "x", "max_tokens": 1}).status_code == 401
     r = httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
     assert r.status_code == 200
     assert r.json()["data"][0]["id"] == Manifest.load(patched_smollm2).served_model_name
+    assert httpx.get(url.replace("/v1/models", "/health"), timeout=10).status_code == 200  # readiness: no key
+
+
+def test_api_key_is_on_no_command_line_and_in_no_log(vllm_server):
+    processes = _group_processes(vllm_server.pid)
+    assert processes, "no vLLM process found"
+    for p in processes:
+        assert API_KEY not in " ".join(p.cmdline())
+    assert API_KEY not in vllm_server.log_path.read_text(errors="replace")
+
+
+async def test_64_concurrent_streams_through_chatircan(vllm_server):
+    """Load: 128 streamed chat requests, 64 at a time, through the wrapper; zero errors."""
+    import asyncio
+
+    from ircan_serve.langchain import ChatIrcan
+
+    chat = ChatIrcan(model=vllm_server.model_name, base_url=vllm_server.base_url, api_key=API_KEY,
+                     max_tokens=12, timeout=120, max_retries=0)
+    gate = asyncio.Semaphore(64)
+
+    async def one(i: int) -> str:
+        async with gate:
+            return "".join([c.text async for c in chat.astream(f"Count to ten, request {i}.")])
+
+    results = await asyncio.gather(*(one(i) for i in range(128)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    assert all(r.strip() for r in results)
+
+
+def test_port_taken_before_vllm_binds_is_retried_and_a_killed_vllm_breaks_the_stream_clearly(
+        patched_smollm2, tmp_path, monkeypatch):
+    """The port chosen for vLLM is taken before vLLM binds it: a new port is tried. Then vLLM is
+    SIGKILLed mid-stream: the wrapper raises an openai connection error that names `ircan serve`
+    within its timeout, and stop() removes the rest of vLLM's process group."""
+    import openai
+
+    from ircan_serve import serving
+    from ircan_serve.langchain import ChatIrcan
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        ports = iter([taken])
+        real = serving.free_port
+        monkeypatch.setattr(serving, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+        server = VLLMServer(patched_smollm2, ServeConfig(startup_timeout=400), log_path=tmp_path / "v.log")
+        assert server.port == taken
+        try:
+            server.start()
+            assert server.port != taken
+            chat = ChatIrcan(model=server.model_name, base_url=server.base_url, max_tokens=400,
+                             timeout=30, max_retries=0)
+            stream = chat.stream("Tell me a very long story about a dragon and a knight.")
+            assert next(stream).text is not None
+            pgid = server.pid
+            os.kill(pgid, signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(openai.APIConnectionError, match="ircan serve"):
+                for _ in stream:
+                    pass
+            assert time.monotonic() - started < 30
+        finally:
+            server.stop()
+    assert _wait_gone(server.pid, 15), [p.cmdline() for p in _group_processes(server.pid)]
 
 
 PROMPTS = [
@@ -113,11 +218,11 @@ def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smo
                                    rtol=0, atol=2e-3)
 
 
-def test_ircan_serve_cli_passes_flags_and_stops_on_sigterm(tmp_path):
+def test_ircan_serve_cli_passes_flags_placed_anywhere_and_stops_on_sighup(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ircan_serve.cli", "serve", "smollm2", "--plain",
-         "--served-model-name", "base", "--max-num-seqs", "4"],
+        [sys.executable, "-m", "ircan_serve.cli", "serve", "--max-num-seqs", "4", "smollm2", "--plain",
+         "--served-model-name", "base"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     try:
@@ -136,10 +241,66 @@ def test_ircan_serve_cli_passes_flags_and_stops_on_sigterm(tmp_path):
         assert httpx.get(url + "/models", timeout=10).json()["data"][0]["id"] == "base"
         log_path = banner.split("log: ")[1].rstrip(")\n")
         assert "max_num_seqs" in open(log_path).read()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGHUP)  # the terminal closed
         assert proc.wait(90) == 0
         time.sleep(1)
         assert _gone(proc.pid), "vLLM processes were left behind"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _start_cli(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ircan_serve.cli", "serve", "smollm2", "--plain", "--served-model-name", "base"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    lines = []
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("serving"):
+            return proc, lines
+    proc.kill()
+    raise AssertionError("ircan serve did not come up:\n" + "".join(lines[-30:]))
+
+
+def _vllm_of(proc):
+    import psutil
+
+    children = psutil.Process(proc.pid).children()
+    assert len(children) == 1, children
+    return children[0]
+
+
+def test_vllm_killed_makes_ircan_serve_exit_nonzero_with_no_process_left(tmp_path):
+    proc, _ = _start_cli(tmp_path)
+    try:
+        vllm = _vllm_of(proc)
+        vllm_group = os.getpgid(vllm.pid)
+        vllm.kill()  # SIGKILL
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert "vLLM stopped unexpectedly" in output
+        assert _wait_gone(vllm_group, 15), "vLLM's engine processes were left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ircan_serve_killed_outright_takes_vllm_with_it(tmp_path):
+    """SIGKILL cannot be handled: vLLM gets its parent-death signal and stops on its own."""
+    proc, _ = _start_cli(tmp_path)
+    vllm = _vllm_of(proc)
+    vllm_group = os.getpgid(vllm.pid)
+    try:
+        proc.kill()
+        proc.wait(10)
+        assert _wait_gone(vllm_group, 60), "vLLM outlived a SIGKILLed ircan serve"
+    finally:
+        if not _gone(vllm_group):
+            os.killpg(vllm_group, signal.SIGKILL)

@@ -15,25 +15,53 @@ from ..data import PromptTemplate
 from ..errors import IrcanError
 
 
-class IrcanConnectionError(IrcanError, ConnectionError):
-    """The server could not be reached or did not answer in time."""
+import httpx
+import openai
+
+
+class IrcanConnectionError(IrcanError, openai.APIConnectionError):
+    """The server could not be reached, or the connection broke mid-response.
+
+    A subclass of :class:`openai.APIConnectionError` (and of :class:`IrcanError`), so LangChain's
+    ``with_retry(retry_if_exception_type=(openai.APIConnectionError,))`` matches it.
+    """
+
+    def __init__(self, message: str, request: httpx.Request) -> None:
+        openai.APIConnectionError.__init__(self, message=message, request=request)
+
+
+class IrcanTimeoutError(IrcanConnectionError, openai.APITimeoutError):
+    """The server did not answer within ``timeout`` (an :class:`openai.APITimeoutError`)."""
+
+
+def _request(e: BaseException, base_url: str) -> httpx.Request:
+    request = getattr(e, "request", None)
+    try:
+        return request if isinstance(request, httpx.Request) else httpx.Request("POST", base_url)
+    except RuntimeError:  # httpx raises when an error has no request attached
+        return httpx.Request("POST", base_url)
 
 
 @contextmanager
 def translate_errors(base_url: str) -> Iterator[None]:
-    """Turn the OpenAI client's connection and timeout errors into a message that says what to do."""
-    import openai
-
+    """Give the OpenAI client's connection and timeout errors (and a connection that breaks while a
+    response streams) a message that says what to do, keeping them ``openai`` exception types."""
     try:
         yield
+    except IrcanConnectionError:
+        raise
     except openai.APITimeoutError as e:
-        raise IrcanConnectionError(
-            f"the model server at {base_url} did not answer in time; raise `timeout` or check the server"
-        ) from e
+        raise IrcanTimeoutError(
+            f"the model server at {base_url} did not answer in time; raise `timeout` or check the server",
+            _request(e, base_url)) from e
     except openai.APIConnectionError as e:
         raise IrcanConnectionError(
-            f"could not reach the model server at {base_url}: is `ircan serve` running there?"
-        ) from e
+            f"could not reach the model server at {base_url}: is `ircan serve` running there?",
+            _request(e, base_url)) from e
+    except httpx.TransportError as e:  # e.g. the server died mid-stream
+        raise IrcanConnectionError(
+            f"the connection to the model server at {base_url} broke ({type(e).__name__}: {e}): "
+            "is `ircan serve` still running there?", _request(e, base_url)) from e
 
 
 class IrcanClientParams(BaseModel):
