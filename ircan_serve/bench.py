@@ -309,7 +309,7 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
     """All load runs against one server, in one event loop (clients are bound to their loop)."""
     import openai
 
-    from .langchain import IrcanLLM
+    from .langchain import ChatIrcan, IrcanLLM
 
     body = {"ignore_eos": True}  # every request generates exactly max_tokens tokens
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0)
@@ -323,6 +323,12 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
     async def wrapped() -> Any:
         return await llm.ainvoke(SERVE_PROMPT)
 
+    chat = ChatIrcan(model=server.model_name, base_url=server.base_url, max_tokens=max_tokens,
+                     extra_body=body, max_retries=0, timeout=300)
+
+    async def streamed() -> Any:  # a streamed chat request through the wrapper, read to the end
+        return [chunk async for chunk in chat.astream(SERVE_PROMPT)]
+
     results = []
     await _load("warm-up", raw, 8, 8, max_tokens)
     for c in levels:
@@ -331,6 +337,7 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
         for _ in range(2):  # interleaved, so drift hits both alike
             results.append(await _load("IRCAN raw (vs wrapper)", raw, 8, 32, max_tokens))
             results.append(await _load("IRCAN LangChain wrapper", wrapped, 8, 32, max_tokens))
+        results.append(await _load("IRCAN ChatIrcan streams", streamed, 64, 128, max_tokens))
     await client.close()
     return results
 

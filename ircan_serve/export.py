@@ -135,6 +135,23 @@ def _check_inputs(base: Path, neurons: NeuronSet, beta: float | None, output: Pa
     return config, layout
 
 
+def _swap_in(tmp: Path, output: Path) -> None:
+    """Replace ``output`` by the finished ``tmp`` so that a failure at any step leaves either
+    the old checkpoint or the new one, never a mix or nothing."""
+    if not output.exists():
+        tmp.rename(output)
+        return
+    old = output.with_name(f".{output.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    output.rename(old)
+    try:
+        tmp.rename(output)
+    except BaseException:
+        old.rename(output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_checkpoint(
     base_source: str,
     neurons: NeuronSet,
@@ -174,7 +191,10 @@ def export_checkpoint(
     beta = neurons.beta if neurons.beta is not None else max(neurons.scales())
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise IrcanError(f"cannot create the checkpoint next to {output}: {e}; choose a writable folder") from e
     try:
         for item in base.iterdir():
             if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and item.name != MANIFEST:
@@ -213,9 +233,11 @@ def export_checkpoint(
             created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        _swap_in(tmp, output)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise IrcanError(f"could not write the checkpoint {output}: {e}. Nothing was changed"
+                         + (": the existing checkpoint there is intact" if output.exists() else "")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -57,6 +57,11 @@ class ServeConfig(BaseModel):
         "where it is the share of the memory node; vLLM's default on GPU).",
     )
     enforce_eager: bool | None = Field(None, description="Disable graph capture (default: on CPU).")
+    enable_tools: bool = Field(False, description="Let the model choose tools itself (tool_choice "
+                               "'auto'): vLLM's auto tool choice with the tool-call parser of the "
+                               "model's family. Forced tool calls and structured output need no flag.")
+    tool_call_parser: str | None = Field(None, description="vLLM tool-call parser for --enable-tools "
+                                         "(default: by the model's family; see TOOL_CALL_PARSERS).")
     startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for readiness.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM server flags, as given.")
 
@@ -93,6 +98,58 @@ def _model_name(model_dir: Path, require_manifest: bool) -> str:
     return model_dir.name
 
 
+TOOL_CALL_PARSERS: dict[str, str] = {
+    "llama": "llama3_json",
+    "mistral": "mistral",
+    "qwen2": "hermes",
+    "qwen3": "hermes",
+    "granite": "granite",
+    "phi3": "phi4_mini_json",
+}
+"""vLLM's tool-call parser per ``config.model_type``, for ``--enable-tools``."""
+
+PARSER_TOKENS: dict[str, str] = {"llama3_json": "<|python_tag|>", "hermes": "<tool_call>",
+                                 "mistral": "[TOOL_CALLS]"}
+"""The special token a parser needs in the tokenizer (vLLM refuses to start without it)."""
+
+FALLBACK_PARSER = "pythonic"
+"""For a model of a family whose tool format its tokenizer lacks (SmolLM2 is a Llama without
+Llama 3's <|python_tag|>): calls written as a Python list, which needs no special token."""
+
+
+def _has_token(model_dir: Path, token: str) -> bool:
+    import json
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return True  # cannot tell: let vLLM decide
+    data = json.loads(path.read_text())
+    return token in data.get("model", {}).get("vocab", {}) or any(
+        t.get("content") == token for t in data.get("added_tokens", []))
+
+
+def tool_call_parser(model_dir: str | Path, config: ServeConfig) -> str:
+    """The parser ``--enable-tools`` uses: the configured one, else the family's (or
+    :data:`FALLBACK_PARSER` when the tokenizer lacks the family's tool token)."""
+    if config.tool_call_parser:
+        return config.tool_call_parser
+    import json
+
+    model_dir = Path(model_dir)
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "?")
+    try:
+        parser = TOOL_CALL_PARSERS[model_type]
+    except KeyError:
+        raise IrcanError(f"no default tool-call parser for model type {model_type!r}: pass "
+                         "--tool-call-parser NAME (see vLLM's tool calling docs)") from None
+    token = PARSER_TOKENS.get(parser)
+    if token and not _has_token(model_dir, token):
+        log.warning("the tokenizer of %s has no %s token, which vLLM's %s tool parser needs; using %s",
+                    model_dir, token, parser, FALLBACK_PARSER)
+        return FALLBACK_PARSER
+    return parser
+
+
 def build_command(model_dir: str | Path, config: ServeConfig, port: int, name: str) -> list[str]:
     """The vLLM server command line for ``model_dir`` with ``config``."""
     gpu = has_gpu()
@@ -113,6 +170,8 @@ def build_command(model_dir: str | Path, config: ServeConfig, port: int, name: s
         cmd.append("--enforce-eager")
     if config.max_model_len:
         cmd += ["--max-model-len", str(config.max_model_len)]
+    if config.enable_tools:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser(model_dir, config)]
     return cmd + list(config.extra_args)  # the API key goes in the environment (see VLLMServer.start)
 
 

@@ -136,5 +136,5 @@ def vllm_server(patched_smollm2):
     """A real vLLM OpenAI server on 127.0.0.1 serving the patched SmolLM2, once per session."""
     from ircan_serve.serving import ServeConfig, VLLMServer
 
-    with VLLMServer(patched_smollm2, ServeConfig(api_key=API_KEY, max_model_len=1024)) as server:
+    with VLLMServer(patched_smollm2, ServeConfig(api_key=API_KEY, max_model_len=1024, enable_tools=True)) as server:
         yield server

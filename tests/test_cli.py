@@ -124,3 +124,35 @@ def test_dtype_choices_and_checks(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__matmul__", no_half)
     with pytest.raises(IrcanError, match="--dtype float16 does not run on device 'cpu'.*use --dtype float32"):
         resolve_dtype("float16", "cpu", None)
+
+
+def test_attribute_killed_with_sigkill_then_rerun_gives_the_same_neurons(tmp_path, tiny_llama_dir):
+    """`ircan attribute` SIGKILLed mid-run, then rerun: the same neurons.json as one
+    uninterrupted run (finished examples are kept, the rest computed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def attribute(store):
+        return [sys.executable, "-m", "ircan_serve.cli", "attribute", "--model", str(tiny_llama_dir),
+                "--data", "conflicts", "--limit", "24", "--store", str(store), "--n-steps", "8"]
+
+    def select(store):
+        subprocess.run([sys.executable, "-m", "ircan_serve.cli", "select", "--store", str(store),
+                        "--num-neurons", "10", "--beta", "3"], check=True, capture_output=True)
+        return (store / "neurons.json").read_text()
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(attribute(whole), check=True, capture_output=True)
+    proc = subprocess.Popen(attribute(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((killed / "examples").glob("*.safetensors"))) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    done = len(list((killed / "examples").glob("*.safetensors")))
+    assert 4 <= done < 24, f"{done} records: the kill did not land mid-run"
+    rerun = subprocess.run(attribute(killed), check=True, capture_output=True, text=True)
+    assert f"resuming: {done} of 24" in rerun.stderr
+    assert select(killed) == select(whole)

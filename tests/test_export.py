@@ -197,3 +197,46 @@ def test_bin_only_checkpoint_is_refused_with_the_conversion(tmp_path, tiny_llama
     with pytest.raises(IrcanError, match=r"only pytorch_model\.bin.*safetensors only.*save_pretrained"):
         export_checkpoint(str(base), NEURONS, 3.0, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _tree(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_failed_write_leaves_the_old_checkpoint_intact(tmp_path, tiny_llama_dir, monkeypatch, fault):
+    """A disk that fills up while the shards are written, or a folder that cannot be written:
+    a clear error, no partial folder, and the checkpoint already there is unchanged."""
+    import errno
+    import os
+
+    import ircan_serve.export as export_module
+
+    out = tmp_path / "ckpt"
+    export_checkpoint(str(tiny_llama_dir), NEURONS, 2.0, out)
+    before = _tree(out)
+    if fault == "full":
+        real = export_module.Path.write_text
+
+        def no_space(self, *a, **k):  # the manifest, written after the shards
+            if self.name == MANIFEST:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(export_module.Path, "write_text", no_space)
+        match = "No space left on device.*existing checkpoint there is intact"
+    else:
+        real_mkdir = export_module.Path.mkdir
+
+        def read_only(self, *a, **k):
+            if self.name.endswith(".tmp"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(export_module.Path, "mkdir", read_only)
+        match = "Read-only file system.*writable folder"
+    with pytest.raises(IrcanError, match=match):
+        export_checkpoint(str(tiny_llama_dir), NEURONS, 5.0, out, force=True)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp / .old left
+

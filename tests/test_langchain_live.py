@@ -25,17 +25,46 @@ class TestChatIrcanLive(ChatModelIntegrationTests):
         return {"model": self._name, "base_url": self._url, "api_key": API_KEY,
                 "max_tokens": 24, "temperature": 0}
 
+    # Tool calling (tool_choice "any" -> "required") and structured output (json_schema) run
+    # through vLLM's guided decoding, which SmolLM2 needs: it has no native tool-call format.
     @property
-    def has_tool_calling(self):
-        return False
+    def structured_output_kwargs(self):
+        return {"method": "json_schema"}
 
     @property
-    def has_structured_output(self):
-        return False
+    def supports_json_mode(self):
+        return True
+
+    # What a 135M model cannot do, even with guided decoding; the wrapper sends and parses the
+    # requests (the other tool and structured-output tests pass). Greedy decoding makes these stable.
+    @pytest.mark.xfail(strict=True, raises=__import__("openai").LengthFinishReasonError,
+                       reason="SmolLM2-135M fills the JSON object's strings until the token limit")
+    def test_json_mode(self, model):
+        super().test_json_mode(model)
+
+    @pytest.mark.xfail(strict=True, raises=__import__("openai").LengthFinishReasonError,
+                       reason="SmolLM2-135M fills the JSON object's strings until the token limit")
+    def test_structured_output_optional_param(self, model):
+        super().test_structured_output_optional_param(model)
+
+    @pytest.mark.xfail(strict=True, raises=AssertionError,
+                       reason="SmolLM2-135M does not answer from the tool's result in the agent loop")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model):
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(strict=True, raises=AssertionError,
+                       reason="SmolLM2-135M does not copy the Chinese text into the tool's argument")
+    def test_unicode_tool_call_integration(self, model, tool_choice=None, force_tool_call=True):
+        super().test_unicode_tool_call_integration(model)
 
     @pytest.fixture
     def model(self, request):  # built after _server has set the URL
-        return self.chat_model_class(**self.chat_model_params)
+        params = {**self.standard_chat_model_params, **self.chat_model_params,
+                  **(getattr(request, "param", None) or {})}
+        if any(k in request.node.name for k in ("tool", "structured", "json", "agent")):
+            params["max_tokens"] = 160  # room for a whole JSON object; 24 tokens keep the rest fast
+        return self.chat_model_class(**params)
 
 
 @pytest.fixture
@@ -51,7 +80,7 @@ INDIA = ("Which country is the most populous in the world?",
 def test_llm_invoke_batch_stream(llm):
     prompt = "Context: The capital of France is Lyon.\nQuestion: What is the capital of France?\nAnswer:"
     text = llm.invoke(prompt)
-    raw = llm._client.completions.create(model=llm.model, prompt=prompt, max_tokens=12, temperature=0)
+    raw = llm.client.create(model=llm.model_name, prompt=prompt, max_tokens=12, temperature=0)
     assert text == raw.choices[0].text and text.strip()
     assert llm.batch([prompt, prompt]) == [text, text]  # greedy: deterministic
     assert "".join(llm.stream(prompt)) == text
@@ -68,7 +97,7 @@ def test_llm_stop_and_max_tokens(llm):
     prompt = "Count: 1, 2, 3,"
     assert "\n" not in llm.invoke(prompt, stop=["\n"], max_tokens=40)
     short = llm.invoke(prompt, max_tokens=2)
-    assert len(llm._client.completions.create(model=llm.model, prompt=prompt, max_tokens=2)
+    assert len(llm.client.create(model=llm.model_name, prompt=prompt, max_tokens=2)
                .choices[0].text) == len(short)
 
 

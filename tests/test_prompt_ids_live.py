@@ -23,7 +23,8 @@ pytestmark = pytest.mark.server
 def _sent_request(wrapper, call) -> tuple[str, dict]:
     """(path, JSON body) of the request ``call()`` makes through ``wrapper``'s client."""
     seen = []
-    wrapper._client._client.event_hooks["request"].append(lambda r: seen.append(r))
+    root = getattr(wrapper, "root_client", None) or wrapper.client._client  # ChatOpenAI / OpenAI
+    root._client.event_hooks["request"].append(lambda r: seen.append(r))
     call()
     request = seen[-1]
     return request.url.path, json.loads(request.content)

@@ -64,6 +64,22 @@ def test_cpu_defaults_in_command(tmp_path):
     assert cmd[-2:] == ["--max-num-seqs", "4"]
 
 
+def test_enable_tools_picks_the_familys_parser(tmp_path, patched_smollm2):
+    # SmolLM2 is a Llama without Llama 3's <|python_tag|>: the Python-list parser instead
+    cmd = build_command(patched_smollm2, ServeConfig(enable_tools=True), 8001, "m")
+    assert cmd[cmd.index("--enable-auto-tool-choice") + 1:][:2] == ["--tool-call-parser", "pythonic"]
+    real_llama3 = tmp_path / "llama3"
+    real_llama3.mkdir()
+    (real_llama3 / "config.json").write_text('{"model_type": "llama"}')
+    (real_llama3 / "tokenizer.json").write_text('{"model": {"vocab": {}}, "added_tokens": [{"content": "<|python_tag|>"}]}')
+    assert "llama3_json" in build_command(real_llama3, ServeConfig(enable_tools=True), 8001, "m")
+    cmd = build_command(patched_smollm2, ServeConfig(enable_tools=True, tool_call_parser="hermes"), 8001, "m")
+    assert "hermes" in cmd
+    (tmp_path / "config.json").write_text('{"model_type": "mamba"}')
+    with pytest.raises(IrcanError, match="no default tool-call parser.*--tool-call-parser"):
+        build_command(tmp_path, ServeConfig(enable_tools=True), 8001, "m")
+
+
 def test_rejects_folders_that_are_not_checkpoints(tmp_path, tiny_llama_dir):
     with pytest.raises(IrcanError, match="is not a folder"):
         VLLMServer(tmp_path / "missing")

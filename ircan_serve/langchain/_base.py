@@ -1,22 +1,24 @@
-"""What the string LLM and the chat model share: fields, OpenAI clients, request parameters,
-error translation and the RAG context slot."""
+"""What the string LLM and the chat model add to their ``langchain-openai`` bases: the defaults
+for a local ``ircan serve`` endpoint, ``from_checkpoint``, the RAG context slot rendered with the
+checkpoint's :class:`~ircan_serve.prompts.PromptTemplate`, and connection errors that say what
+to do while staying ``openai`` exception types."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from langchain_core.utils import from_env, secret_from_env
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
-
-from ..data import PromptTemplate
-from ..errors import IrcanError
-
-
 import httpx
 import openai
+from langchain_core.utils import from_env, secret_from_env
+from pydantic import Field, SecretStr
+
+from ..errors import IrcanError
+from ..prompts import PromptTemplate
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
 class IrcanConnectionError(IrcanError, openai.APIConnectionError):
@@ -43,71 +45,63 @@ def _request(e: BaseException, base_url: str) -> httpx.Request:
 
 
 @contextmanager
-def translate_errors(base_url: str) -> Iterator[None]:
+def translate_errors(base_url: str | None) -> Iterator[None]:
     """Give the OpenAI client's connection and timeout errors (and a connection that breaks while a
     response streams) a message that says what to do, keeping them ``openai`` exception types."""
+    url = base_url or DEFAULT_BASE_URL
     try:
         yield
     except IrcanConnectionError:
         raise
     except openai.APITimeoutError as e:
         raise IrcanTimeoutError(
-            f"the model server at {base_url} did not answer in time; raise `timeout` or check the server",
-            _request(e, base_url)) from e
+            f"the model server at {url} did not answer in time; raise `timeout` or check the server",
+            _request(e, url)) from e
     except openai.APIConnectionError as e:
         raise IrcanConnectionError(
-            f"could not reach the model server at {base_url}: is `ircan serve` running there?",
-            _request(e, base_url)) from e
+            f"could not reach the model server at {url}: is `ircan serve` running there?", _request(e, url)) from e
     except httpx.TransportError as e:  # e.g. the server died mid-stream
         raise IrcanConnectionError(
-            f"the connection to the model server at {base_url} broke ({type(e).__name__}: {e}): "
-            "is `ircan serve` still running there?", _request(e, base_url)) from e
+            f"the connection to the model server at {url} broke ({type(e).__name__}: {e}): "
+            "is `ircan serve` still running there?", _request(e, url)) from e
 
 
-class IrcanClientParams(BaseModel):
-    """Connection and sampling fields of both wrappers."""
+def guarded(base_url: str | None, chunks: Iterator[Any]) -> Iterator[Any]:
+    """``chunks`` with connection errors translated while they stream."""
+    with translate_errors(base_url):
+        yield from chunks
 
-    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
-    model: str = Field(alias="model_name")
-    """Served model name (``ircan serve`` prints it; the manifest's ``served_model_name``)."""
-    base_url: str = Field(
-        default_factory=from_env("IRCAN_BASE_URL", default="http://127.0.0.1:8000/v1")
-    )
+async def aguarded(base_url: str | None, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    with translate_errors(base_url):
+        async for chunk in chunks:
+            yield chunk
+
+
+class IrcanEndpoint:
+    """Fields and helpers shared by :class:`~ircan_serve.langchain.ChatIrcan` and
+    :class:`~ircan_serve.langchain.IrcanLLM` (mixed in before their ``langchain-openai`` base)."""
+
+    openai_api_base: str | None = Field(
+        default_factory=from_env("IRCAN_BASE_URL", default=DEFAULT_BASE_URL), alias="base_url")
     """OpenAI base URL of the vLLM server (env ``IRCAN_BASE_URL``)."""
-    api_key: SecretStr | None = Field(default_factory=secret_from_env("IRCAN_API_KEY", default=None))
-    """Bearer token, if the server was started with ``--api-key`` (env ``IRCAN_API_KEY``)."""
-    temperature: float = 0.0
-    """Sampling temperature (0: greedy, the setting IRCAN is evaluated with)."""
-    max_tokens: int | None = 256
-    """Most tokens to generate."""
-    timeout: float | None = 60.0
-    """Seconds to wait for one request."""
-    stop: list[str] | None = None
-    """Stop sequences applied to every call (merged with per-call ``stop``)."""
-    max_retries: int = 2
-    """Retries on connection errors and 5xx answers (with back-off, by the OpenAI client)."""
-    extra_body: dict[str, Any] | None = None
-    """Extra vLLM sampling parameters, e.g. ``{"top_k": 5, "repetition_penalty": 1.1}``."""
+    openai_api_key: SecretStr | None = Field(
+        default_factory=secret_from_env("IRCAN_API_KEY", default="EMPTY"), alias="api_key")
+    """Bearer token, if the server requires one (env ``IRCAN_API_KEY``)."""
     prompt_template: PromptTemplate | None = None
     """Template of the RAG context slot (``invoke(question, context=...)``); from the manifest."""
 
-    _client: Any = PrivateAttr(default=None)
-    _async_client: Any = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _make_clients(self) -> "IrcanClientParams":
-        import openai
-
-        common = dict(
-            base_url=self.base_url,
-            api_key=self.api_key.get_secret_value() if self.api_key else "EMPTY",
-            timeout=self.timeout,
-            max_retries=self.max_retries,
-        )
-        self._client = openai.OpenAI(**common)
-        self._async_client = openai.AsyncOpenAI(**common)
-        return self
+    def to_json(self) -> Any:
+        """LangChain serialization: the template as plain data, the key as ``IRCAN_API_KEY``."""
+        data = super().to_json()  # type: ignore[misc]
+        kwargs = data.get("kwargs") if isinstance(data, dict) else None
+        if isinstance(kwargs, dict):
+            if isinstance(kwargs.get("prompt_template"), PromptTemplate):
+                kwargs["prompt_template"] = kwargs["prompt_template"].model_dump()
+            for value in kwargs.values():
+                if isinstance(value, dict) and value.get("type") == "secret":
+                    value["id"] = ["IRCAN_API_KEY"]
+        return data
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, base_url: str, **kwargs: Any) -> Any:
@@ -115,24 +109,8 @@ class IrcanClientParams(BaseModel):
         from ..export import Manifest
 
         manifest = Manifest.load(checkpoint)
-        return cls(model=manifest.served_model_name, base_url=base_url,
+        return cls(model=manifest.served_model_name, base_url=base_url,  # type: ignore[call-arg]
                    prompt_template=manifest.prompt_template, **kwargs)
-
-    def _request_params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Per-call parameters: the fields, overridden by ``invoke(..., max_tokens=...)`` etc."""
-        kwargs = {k: v for k, v in kwargs.items() if k != "context"}
-        params: dict[str, Any] = {
-            "model": self.model,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        stops = list(self.stop or []) + list(stop or [])
-        if stops:
-            params["stop"] = stops
-        if self.extra_body:
-            params["extra_body"] = dict(self.extra_body)
-        params.update(kwargs)
-        return {k: v for k, v in params.items() if v is not None}
 
     def _with_context(self, question: str, context: str | None) -> str:
         """The RAG prompt for ``question``: the template's context slot filled, if a context is given."""
@@ -144,8 +122,3 @@ class IrcanClientParams(BaseModel):
                 "from_checkpoint(...) or pass prompt_template=QA_TEMPLATE"
             )
         return self.prompt_template.render(question=question, context=context)
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "stop": self.stop}

@@ -1,4 +1,5 @@
-"""A LangChain string LLM over the vLLM completions endpoint of an exported checkpoint."""
+"""A LangChain string LLM for an exported checkpoint served by ``ircan serve``: langchain-openai's
+``OpenAI`` (completions) pointed at vLLM, plus the checkpoint's RAG context slot."""
 
 from __future__ import annotations
 
@@ -7,22 +8,19 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LangSmithParams
-from langchain_core.language_models.llms import LLM
-from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.outputs import GenerationChunk, LLMResult
+from langchain_openai import OpenAI
+from pydantic import Field
 
-from ..errors import IrcanError
-from ._base import IrcanClientParams, translate_errors
+from ._base import IrcanEndpoint, aguarded, guarded, translate_errors
 
 
-class IrcanLLM(IrcanClientParams, LLM):
+class IrcanLLM(IrcanEndpoint, OpenAI):  # type: ignore[misc]
     """Completion model served by ``ircan serve`` (vLLM's OpenAI ``/v1/completions``).
 
-    Setup:
-        .. code-block:: bash
-
-            pip install ircan-serve[cpu]      # or [gpu]
-            ircan export export/smollm2-conflicts.toml
-            ircan serve export/out/smollm2-conflicts --port 8000
+    A subclass of langchain-openai's ``OpenAI``: ``batch`` sends its prompts in one request
+    (``batch_size`` per request, vLLM batches them), and ``logprobs``, ``n``, ``seed``, ``top_p``,
+    usage, streaming, async and serialization work as there. Errors are ``openai`` exceptions.
 
     Instantiate:
         .. code-block:: python
@@ -40,101 +38,50 @@ class IrcanLLM(IrcanClientParams, LLM):
             # the RAG context slot, formatted with the checkpoint's template:
             llm.invoke("What is the capital of France?", context="The capital of France is Lyon.")
             llm.batch(["1 + 1 =", "The sky is"])
-            await llm.ainvoke("The sky is")
-
-    Stream:
-        .. code-block:: python
-
-            for chunk in llm.stream("Once upon a time"):
-                print(chunk, end="", flush=True)
     """
+
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy, the setting IRCAN is evaluated with)."""
+    request_timeout: float | tuple[float, float] | Any | None = Field(default=60.0, alias="timeout")
+    """Seconds to wait for one request."""
 
     @property
     def _llm_type(self) -> str:
         return "ircan-vllm"
 
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = self._request_params(stop, kwargs)
-        return LangSmithParams(
-            ls_provider="ircan", ls_model_name=params["model"], ls_model_type="llm",
-            ls_temperature=params.get("temperature"), ls_max_tokens=params.get("max_tokens"),
-            ls_stop=params.get("stop"),
-        )
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["ircan_serve", "langchain", "llm"]
 
-    def _result(self, response: Any, n_prompts: int) -> LLMResult:
-        choices = sorted(response.choices, key=lambda c: c.index)
-        if len(choices) != n_prompts:
-            raise IrcanError(f"the server answered {len(choices)} completions for {n_prompts} prompts")
-        return LLMResult(
-            generations=[[Generation(text=c.text, generation_info={"finish_reason": c.finish_reason})]
-                         for c in choices],
-            llm_output={"model_name": response.model},
-        )
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "ircan"
+        return params
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        """All prompts in one ``/v1/completions`` request (vLLM batches them), so ``batch`` is not
-        one round trip per prompt."""
-        context = kwargs.get("context")
+        context = kwargs.pop("context", None)
         texts = [self._with_context(p, context) for p in prompts]
-        with translate_errors(self.base_url):
-            response = self._client.completions.create(prompt=texts, **self._request_params(stop, kwargs))
-        return self._result(response, len(texts))
+        with translate_errors(self.openai_api_base):
+            return super()._generate(texts, stop=stop, run_manager=run_manager, **kwargs)
 
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        context = kwargs.get("context")
+        context = kwargs.pop("context", None)
         texts = [self._with_context(p, context) for p in prompts]
-        with translate_errors(self.base_url):
-            response = await self._async_client.completions.create(prompt=texts, **self._request_params(stop, kwargs))
-        return self._result(response, len(texts))
-
-    def _call(self, prompt: str, stop: list[str] | None = None,
-              run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
-        prompt = self._with_context(prompt, kwargs.get("context"))
-        with translate_errors(self.base_url):
-            response = self._client.completions.create(prompt=prompt, **self._request_params(stop, kwargs))
-        return response.choices[0].text
-
-    async def _acall(self, prompt: str, stop: list[str] | None = None,
-                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
-        prompt = self._with_context(prompt, kwargs.get("context"))
-        with translate_errors(self.base_url):
-            response = await self._async_client.completions.create(
-                prompt=prompt, **self._request_params(stop, kwargs))
-        return response.choices[0].text
+        with translate_errors(self.openai_api_base):
+            return await super()._agenerate(texts, stop=stop, run_manager=run_manager, **kwargs)
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        prompt = self._with_context(prompt, kwargs.get("context"))
-        with translate_errors(self.base_url):
-            empty = True
-            for event in self._client.completions.create(
-                prompt=prompt, stream=True, **self._request_params(stop, kwargs)
-            ):
-                if event.choices and event.choices[0].text:
-                    empty = False
-                    chunk = GenerationChunk(text=event.choices[0].text)
-                    if run_manager:
-                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
-            if empty:  # an empty completion is a valid answer: stream it as ""
-                yield GenerationChunk(text="")
+        prompt = self._with_context(prompt, kwargs.pop("context", None))
+        yield from guarded(self.openai_api_base,
+                           super()._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))
 
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        prompt = self._with_context(prompt, kwargs.get("context"))
-        with translate_errors(self.base_url):
-            stream = await self._async_client.completions.create(
-                prompt=prompt, stream=True, **self._request_params(stop, kwargs))
-            empty = True
-            async for event in stream:
-                if event.choices and event.choices[0].text:
-                    empty = False
-                    chunk = GenerationChunk(text=event.choices[0].text)
-                    if run_manager:
-                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
-            if empty:
-                yield GenerationChunk(text="")
+        prompt = self._with_context(prompt, kwargs.pop("context", None))
+        async for chunk in aguarded(self.openai_api_base,
+                                    super()._astream(prompt, stop=stop, run_manager=run_manager, **kwargs)):
+            yield chunk
