@@ -31,7 +31,9 @@ KNOWN_TOKENS = 5
 """Tokens generated without context to decide whether the model knows a fact."""
 
 
-def _matches(text: str, answer: str) -> bool:
+def answer_matches(text: str, answer: str) -> bool:
+    """The answer occurs in the generated text as whole words, ignoring case ("30" lacks "0").
+    The one rule for "the model said it": the known-facts filter and the evaluation use it."""
     return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE) is not None
 
 
@@ -66,7 +68,7 @@ def known_facts(model: Any, tokenizer: Any, examples: Sequence[ConflictExample],
             batch = list(examples[start : start + batch_size])
             texts = greedy_generate(model, tokenizer, [e.prompt_without_context for e in batch],
                                     max_new_tokens, batch_size=batch_size)
-            kept += [e for e, t in zip(batch, texts) if _matches(t, e.memorized)]
+            kept += [e for e, t in zip(batch, texts) if answer_matches(t, e.memorized)]
             bar.update(len(batch))
     report = KnownReport(checked=len(examples), kept_ids=[e.id for e in kept], max_new_tokens=max_new_tokens)
     if not kept:
@@ -164,7 +166,7 @@ def build_conflicts(model: Any, tokenizer: Any, source: str | Path, output: str 
     texts = greedy_generate(model, tokenizer, [render(p.question) for p in pairs], max_new_tokens)
     answered = []
     for p, t in zip(pairs, texts):
-        if _matches(t, p.answer):
+        if answer_matches(t, p.answer):
             answered.append(p)
         else:
             dropped.append(f"{p.id}: the model does not answer it closed-book (said {t.strip()[:40]!r})")

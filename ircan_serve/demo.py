@@ -19,7 +19,7 @@ from pathlib import Path
 from .config import load_recipe
 from .data import ConflictExample
 from .errors import IrcanError
-from .evaluation.metrics import answer_matches
+from .conflicts import answer_matches
 from .evaluation.stats import PairedTest, mcnemar, wilson_interval
 from .export import Manifest
 from .prompts import PromptTemplate

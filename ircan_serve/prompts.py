@@ -5,7 +5,7 @@ through :class:`PromptTemplate`, so the token ids that attribution scores are th
 model sees (a live-server test checks it):
 
 * **text mode** (``/v1/completions``, :class:`~ircan_serve.langchain.IrcanLLM`): the prompt is
-  ``template.user_text(question, context)``, tokenized as vLLM does (special tokens added);
+  ``template.render(question, context)``, tokenized as vLLM does (special tokens added);
 * **chat mode** (``/v1/chat/completions``, :class:`~ircan_serve.langchain.ChatIrcan`): the same
   text is the content of the last user message (after an optional system message), and the
   prompt is the model's chat template applied with the generation prompt, tokenized without
@@ -56,7 +56,6 @@ class PromptTemplate(BaseModel):
             return self.without_context.format(question=question)
         return self.with_context.format(context=context, question=question)
 
-    user_text = render
 
     def messages(self, question: str, context: str | None = None) -> list[dict[str, str]]:
         """The chat messages ChatIrcan sends for ``question`` (and ``context``)."""

@@ -235,41 +235,28 @@ def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smo
 
 
 def test_ircan_serve_cli_passes_flags_placed_anywhere_and_stops_on_sighup(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ircan_serve.cli", "serve", "--max-num-seqs", "4", "smollm2", "--plain",
-         "--served-model-name", "base"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
-    )
+    proc, lines = _start_cli(["--max-num-seqs", "4", "smollm2", "--plain", "--served-model-name", "base"])
     try:
-        lines = []
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("serving"):
-                break
+        vllm_group = os.getpgid(_vllm_of(proc).pid)
         banner = lines[-1]
         assert banner.startswith("serving 'base' at http://127.0.0.1:"), "".join(lines[-20:])
         url = banner.split(" at ")[1].split()[0]
         assert httpx.get(url + "/models", timeout=10).json()["data"][0]["id"] == "base"
         log_path = banner.split("log: ")[1].rstrip(")\n")
-        assert "max_num_seqs" in open(log_path).read()
+        assert "max_num_seqs" in open(log_path).read()  # the flag before the folder reached vLLM
         proc.send_signal(signal.SIGHUP)  # the terminal closed
         assert proc.wait(90) == 0
-        time.sleep(1)
-        assert _gone(proc.pid), "vLLM processes were left behind"
+        assert _wait_gone(vllm_group, 15), "vLLM processes were left behind"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _start_cli(tmp_path):
+def _start_cli(args=("smollm2", "--plain", "--served-model-name", "base")):
+    """`ircan serve ARGS` as a process; returns it and its output up to the banner."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ircan_serve.cli", "serve", "smollm2", "--plain", "--served-model-name", "base"],
+        [sys.executable, "-m", "ircan_serve.cli", "serve", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     lines = []
@@ -294,7 +281,7 @@ def _vllm_of(proc):
 
 
 def test_vllm_killed_makes_ircan_serve_exit_nonzero_with_no_process_left(tmp_path):
-    proc, _ = _start_cli(tmp_path)
+    proc, _ = _start_cli()
     try:
         vllm = _vllm_of(proc)
         vllm_group = os.getpgid(vllm.pid)
@@ -310,7 +297,7 @@ def test_vllm_killed_makes_ircan_serve_exit_nonzero_with_no_process_left(tmp_pat
 
 def test_ircan_serve_killed_outright_takes_vllm_with_it(tmp_path):
     """SIGKILL cannot be handled: vLLM gets its parent-death signal and stops on its own."""
-    proc, _ = _start_cli(tmp_path)
+    proc, _ = _start_cli()
     vllm = _vllm_of(proc)
     vllm_group = os.getpgid(vllm.pid)
     try:

@@ -14,7 +14,6 @@ Predictions per task (IRCAN, Section 4.1):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from ..attribution import answer_token_id
+from ..conflicts import answer_matches  # noqa: F401 - the one matching rule, used by the runner
 from ..data import ConflictExample
 from ..prompts import encode
 
@@ -133,11 +133,6 @@ def agreement(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1),
                                     log_target=True, reduction="batchmean").item()
     return agree, kl
-
-
-def answer_matches(text: str, answer: str) -> bool:
-    """The answer occurs in the generated text as whole words, ignoring case ("30" lacks "0")."""
-    return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def until_period(text: str) -> str:
