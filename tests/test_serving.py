@@ -307,3 +307,19 @@ def test_ircan_serve_killed_outright_takes_vllm_with_it(tmp_path):
     finally:
         if not _gone(vllm_group):
             os.killpg(vllm_group, signal.SIGKILL)
+
+
+def test_sigterm_then_a_second_signal_during_shutdown_leaves_no_process(tmp_path):
+    """SIGTERM starts the graceful stop; a second signal while vLLM shuts down kills its group at
+    once instead of interrupting the cleanup."""
+    proc, _ = _start_cli()
+    vllm_group = os.getpgid(_vllm_of(proc).pid)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert _wait_gone(vllm_group, 15), "vLLM processes were left behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
