@@ -127,7 +127,7 @@ def test_dtype_choices_and_checks(tiny_llama_dir, monkeypatch):
 
 
 def test_attribute_killed_with_sigkill_then_rerun_gives_the_same_neurons(tmp_path, tiny_llama_dir):
-    """`ircan attribute` SIGKILLed mid-run, then rerun: the same neurons.json as one
+    """`ircan attribute` SIGKILLed mid-run (60 examples), then rerun: the same neurons.json as one
     uninterrupted run (finished examples are kept, the rest computed)."""
     import signal
     import subprocess
@@ -136,7 +136,7 @@ def test_attribute_killed_with_sigkill_then_rerun_gives_the_same_neurons(tmp_pat
 
     def attribute(store):
         return [sys.executable, "-m", "ircan_serve.cli", "attribute", "--model", str(tiny_llama_dir),
-                "--data", "conflicts", "--limit", "24", "--store", str(store), "--n-steps", "8"]
+                "--data", "conflicts", "--limit", "60", "--store", str(store)]
 
     def select(store):
         subprocess.run([sys.executable, "-m", "ircan_serve.cli", "select", "--store", str(store),
@@ -152,7 +152,7 @@ def test_attribute_killed_with_sigkill_then_rerun_gives_the_same_neurons(tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     done = len(list((killed / "examples").glob("*.safetensors")))
-    assert 4 <= done < 24, f"{done} records: the kill did not land mid-run"
+    assert 4 <= done < 60, f"{done} records: the kill did not land mid-run"
     rerun = subprocess.run(attribute(killed), check=True, capture_output=True, text=True)
-    assert f"resuming: {done} of 24" in rerun.stderr
+    assert f"resuming: {done} of 60" in rerun.stderr
     assert select(killed) == select(whole)
