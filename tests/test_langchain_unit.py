@@ -45,7 +45,7 @@ def test_tracing_params_and_defaults_for_a_local_server():
 
 
 def test_sampling_parameters_reach_the_request():
-    """top_p, seed, n, logprobs, stop, extra_body: none is dropped (they were, before 0.2)."""
+    """top_p, seed, n, logprobs, stop, extra_body: none is dropped (the old wrapper dropped some)."""
     from langchain_core.messages import HumanMessage
 
     chat = ChatIrcan(model="m", top_p=0.9, seed=7, n=2, logprobs=True, top_logprobs=3, stop=["\n"],
