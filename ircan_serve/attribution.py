@@ -199,27 +199,32 @@ def _map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return fn(output)
 
 
+def _viewable(prefix: Any) -> bool:
+    """Whether ``prefix`` keeps one key and one value tensor per layer (transformers'
+    ``DynamicCache`` and its sliding-window layers), so that :func:`_cache_view` can share them."""
+    layers = getattr(prefix, "layers", None)
+    return isinstance(layers, list) and all(
+        isinstance(getattr(c, "keys", None), torch.Tensor) and isinstance(getattr(c, "values", None), torch.Tensor)
+        for c in layers)
+
+
 def _cache_view(prefix: Any, rows: int | Sequence[int]) -> Any:
     """A KV cache for ``rows`` copies of the prompt (one count for every layer, or one per
     layer), sharing ``prefix``'s tensors (expanded along the batch, not copied) so that running
     more tokens through it leaves ``prefix`` unchanged. A layer given 0 rows is left as it is:
-    :func:`fast_scores` does not run it. Caches without per-layer key/value tensors fall back to
-    a deep copy (with one count for every layer).
+    :func:`fast_scores` does not run it. Caches that are not :func:`_viewable` fall back to a deep
+    copy with the largest count in every layer.
     """
-    layers = getattr(prefix, "layers", None)
-    per_layer = [rows] * len(layers or []) if isinstance(rows, int) else list(rows)
-    if not isinstance(layers, list) or not all(
-        isinstance(getattr(c, "keys", None), torch.Tensor) and isinstance(getattr(c, "values", None), torch.Tensor)
-        for c in layers
-    ):
+    if not _viewable(prefix):
         cache = copy.deepcopy(prefix)
-        n = rows if isinstance(rows, int) else max(rows)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
+        most = rows if isinstance(rows, int) else max(rows)
+        if most > 1:
+            cache.batch_repeat_interleave(most)
         return cache
+    per_layer = [rows] * len(prefix.layers) if isinstance(rows, int) else list(rows)
     view = copy.copy(prefix)
     view.layers = []
-    for layer, n in zip(layers, per_layer):
+    for layer, n in zip(prefix.layers, per_layer):
         own = copy.copy(layer)
         if n > 1:
             own.keys = layer.keys.expand(n, *layer.keys.shape[1:])
@@ -356,6 +361,7 @@ def fast_scores(
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     last = input_ids[:, -1:]  # (1, 1)
     per_pass = max(1, internal_batch_size // n_steps)
+    viewable = _viewable(prefix)
     scores = torch.zeros_like(target, dtype=torch.float32)
     for chunk in _chunks(layers, per_pass):
         rows = len(chunk) * n_steps
@@ -363,6 +369,8 @@ def fast_scores(
         # from the plain pass, so only they are computed (all rows, without recorded outputs)
         active = ([n_steps * sum(1 for c in chunk if c <= k) for k in range(len(blocks))]
                   if layer_outputs is not None else [rows] * len(blocks))
+        if not viewable:  # a copied cache holds every row in every layer it runs
+            active = [rows if n else 0 for n in active]
         deltas = target[chunk] - baseline[chunk]  # (g, d_ff)
         points = (baseline[chunk][:, None, :] + alphas[None, :, None] * deltas[:, None, :])
         points = points.requires_grad_()  # (g, m, d_ff)
@@ -533,6 +541,19 @@ class AttributionStore:
         return [self.get(i) for i in ids if self.has(i)]
 
 
+def examples_to_do(examples: Sequence[ConflictExample], config: AttributionConfig,
+                   store: AttributionStore | None, header: dict[str, Any] | None) -> list[ConflictExample]:
+    """Open ``store`` for this run (or check it was made with the same settings) and return the
+    examples it does not hold yet: all of them without a store."""
+    if store is None:
+        return list(examples)
+    store.open({**(header or {}), "attribution": config.model_dump(), "example_ids": [e.id for e in examples]})
+    todo = [e for e in examples if not store.has(e.id)]
+    if len(todo) < len(examples):
+        log.info("resuming: %d of %d examples already attributed", len(examples) - len(todo), len(examples))
+    return todo
+
+
 def attribute_examples(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -547,17 +568,8 @@ def attribute_examples(
     from tqdm.auto import tqdm
 
     ig = ContextAwareIntegratedGradients(model, tokenizer)
-    if store is not None:
-        full_header = {
-            **(header or {}),
-            "attribution": config.model_dump(),
-            "example_ids": [e.id for e in examples],
-        }
-        store.open(full_header)
+    todo = examples_to_do(examples, config, store, header)
     results: list[Attribution] = []
-    todo = [e for e in examples if store is None or not store.has(e.id)]
-    if store is not None and len(todo) < len(examples):
-        log.info("resuming: %d of %d examples already attributed", len(examples) - len(todo), len(examples))
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="attribution",
                unit="ex", disable=not progress)
     with bar:

@@ -24,7 +24,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from .attribution import Attribution, AttributionStore
+from .attribution import Attribution, AttributionStore, examples_to_do
 from .config import AttributionConfig
 from .data import ConflictExample
 from .errors import IrcanError
@@ -61,9 +61,13 @@ def check_address(address: str, timeout: float = 5.0) -> None:
                          "local cluster") from None
 
 
-def _init(ray: Any, workers: int, address: str | None) -> None:
+def init_ray(workers: int, address: str | None = None) -> bool:
+    """Join the cluster at ``address``, or start a local one with ``workers`` CPUs (no
+    dashboard, a small object store). Returns whether this call started or joined it (False when
+    Ray was already initialized)."""
+    ray = _import_ray()
     if ray.is_initialized():
-        return
+        return False
     try:
         if address:
             check_address(address)
@@ -75,13 +79,13 @@ def _init(ray: Any, workers: int, address: str | None) -> None:
         raise
     except Exception as e:  # ConnectionError, RuntimeError, ValueError: Ray's own message says why
         raise IrcanError(f"could not start or join a Ray cluster{' at ' + address if address else ''}: {e}") from e
+    return True
 
 
 class _Worker:
     """One model replica (a Ray actor). Built by :func:`attribute_on_ray`."""
 
-    def __init__(self, model: str, dtype: str, device: str, threads: int | None,
-                 replay_lower_layers: bool = True) -> None:
+    def __init__(self, model: str, dtype: str, device: str, threads: int | None) -> None:
         import torch
 
         from .attribution import ContextAwareIntegratedGradients
@@ -90,7 +94,7 @@ class _Worker:
         if threads:
             torch.set_num_threads(threads)
         lm = load_model(model, device=device, dtype=dtype)
-        self.ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer, replay_lower_layers=replay_lower_layers)
+        self.ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
 
     def attribute(self, example: ConflictExample, config: AttributionConfig) -> Attribution:
         # Fault injection for the tests: IRCAN_FAULT_KILL_WORKER=EXAMPLE_ID@MARKER makes the
@@ -132,20 +136,15 @@ def attribute_on_ray(
 
     if workers < 1:
         raise IrcanError(f"--workers must be at least 1, not {workers}")
-    if store is not None:
-        store.open({**(header or {}), "attribution": config.model_dump(), "example_ids": [e.id for e in examples]})
+    todo = examples_to_do(examples, config, store, header)
     done: dict[str, Attribution] = {}
-    todo = [e for e in examples if store is None or not store.has(e.id)]
-    if len(todo) < len(examples):
-        log.info("resuming: %d of %d examples already attributed", len(examples) - len(todo), len(examples))
     if todo and workers > len(todo):
         log.warning("--workers %d but only %d example(s) left to attribute: using %d worker(s)",
                     workers, len(todo), len(todo))
         workers = len(todo)
     if todo:
         ray = _import_ray()
-        started = not ray.is_initialized()
-        _init(ray, workers, address)
+        started = init_ray(workers, address)
         gpu = device.startswith("cuda") or device == "auto"
         actor_cls = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
                                max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(_Worker)

@@ -287,3 +287,18 @@ def test_each_layer_computes_only_the_rows_that_patch_it_or_a_lower_layer(tiny_t
     assert [rows[-1] for rows in seen] == [3, 3, 6, 6]
     ref = ig.attribute(ex, AttributionConfig(n_steps=3, method="reference", layers=[0, 2])).scores
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_caches_that_cannot_be_viewed_are_copied_and_still_equal_the_reference(tiny_tokenizer, conflicts,
+                                                                             monkeypatch):
+    """A cache without per-layer key/value tensors is deep-copied with every row; the layers
+    that run then compute every row (a copy cannot hold fewer rows in some layers)."""
+    import ircan_serve.attribution as attribution
+
+    model = _four_layer_llama(tiny_tokenizer)
+    monkeypatch.setattr(attribution, "_viewable", lambda _prefix: False)
+    ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
+    ex = conflicts[2]
+    fast = ig.attribute(ex, AttributionConfig(n_steps=3, internal_batch_size=6, layers=[1, 2])).scores
+    ref = ig.attribute(ex, AttributionConfig(n_steps=3, method="reference", layers=[1, 2])).scores
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
