@@ -177,7 +177,7 @@ def bench_ray(model_spec: str, rows: int, workers: int, n_steps: int) -> dict[st
 
     from .attribution import attribute_examples
     from .config import AttributionConfig, SelectionConfig
-    from .distributed import attribute_on_ray
+    from .distributed import attribute_on_ray, init_ray
     from .models import load_model
     from .selection import select_neurons
 
@@ -189,8 +189,7 @@ def bench_ray(model_spec: str, rows: int, workers: int, n_steps: int) -> dict[st
     one = attribute_examples(lm.model, lm.tokenizer, examples, config)
     one_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-             object_store_memory=200 * 1024**2, configure_logging=False)
+    init_ray(workers)
     init_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
@@ -199,6 +198,7 @@ def bench_ray(model_spec: str, rows: int, workers: int, n_steps: int) -> dict[st
     finally:
         ray.shutdown()
     selection = SelectionConfig(num_neurons=10)
+
     def ranked(records: list[Any]) -> list[tuple[int, int, int]]:
         return [(n.layer, n.index, n.count) for n in select_neurons(records, selection).neurons]
 

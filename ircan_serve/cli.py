@@ -78,10 +78,10 @@ def _summary(title: str, rows: dict[str, Any]) -> None:
 
 
 def cmd_attribute(ns: argparse.Namespace) -> None:
-    from .attribution import attribute_examples, AttributionStore
+    from .attribution import AttributionStore
     from .config import AttributionConfig
     from .models import load_model
-    from .pipeline import load_checked_data, store_header
+    from .pipeline import attribute_rows, load_checked_data, store_header
 
     config = config_from_flags(ns, AttributionConfig)
     if ns.workers < 1:
@@ -92,14 +92,9 @@ def cmd_attribute(ns: argparse.Namespace) -> None:
         check_address(ns.address)  # before loading anything
     lm = load_model(ns.model, device=ns.device, dtype=ns.dtype)
     data = load_checked_data(lm, ns.data, ns.format, skip_invalid=ns.skip_invalid, limit=ns.limit)
-    store, header = AttributionStore(ns.store), store_header(lm, ns.data, ns.format)
-    if ns.workers > 1 or ns.address:
-        from .distributed import attribute_on_ray
-
-        results = attribute_on_ray(lm.source, data.examples, config, workers=ns.workers, store=store,
-                                   header=header, address=ns.address, dtype=ns.dtype, device=ns.device)
-    else:
-        results = attribute_examples(lm.model, lm.tokenizer, data.examples, config, store=store, header=header)
+    results = attribute_rows(lm, data.examples, config, AttributionStore(ns.store),
+                             store_header(lm, ns.data, ns.format), workers=ns.workers, address=ns.address,
+                             dtype=ns.dtype, device=ns.device)
     gain = sum(r.prob_with_context - r.prob_without_context for r in results) / len(results)
     _summary("attribution", {
         "model": lm.name, "examples": len(results), "skipped rows": len(data.skipped) or "none",
@@ -367,6 +362,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import AttributionConfig, SelectionConfig
+    from .models import DTYPES
 
     parser = argparse.ArgumentParser(prog="ircan", description="IRCAN: find context-aware neurons, "
                                      "export a patched checkpoint, serve it with vLLM.")
@@ -378,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="conflicts", help="data file or 'conflicts' (the shipped set)")
     p.add_argument("--format", default="auto", choices=["auto", "generic", "memotrap", "kre", "counterfact"])
     p.add_argument("--store", required=True, help="attribution store folder (resumes if it exists)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights dtype: auto = the checkpoint's on a GPU, float32 on CPU; scores are "
                         "float32 whatever this is")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (device_map='auto')")
@@ -525,15 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _vllm_flags_taking_a_value() -> dict[str, bool] | None:
     """vLLM's server options -> whether each takes a value, from vLLM's own parser (None when
     vLLM cannot be imported here)."""
+    from .serving import vllm_arg_parser
+
     try:
-        try:  # the module moved between vLLM releases
-            from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        except ImportError:
-            from vllm.entrypoints.openai.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        parser = vllm_arg_parser()
     except Exception:  # noqa: BLE001 - any import failure means "ask no one"
         return None
-    parser = make_arg_parser(FlexibleArgumentParser())
     return {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .attribution import AttributionStore, attribute_examples
+from .attribution import Attribution, AttributionStore, attribute_examples
 from .config import AttributionConfig, Recipe, SelectionConfig
 from .conflicts import KnownReport, known_facts
 from .data import (
@@ -142,6 +142,22 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
     return RecipeData(rows[:a], rows[a : a + d], test, data.skipped, data.template, known)
 
 
+def attribute_rows(
+    lm: LoadedModel, examples: list[ConflictExample], config: AttributionConfig, store: AttributionStore,
+    header: dict[str, Any], *, workers: int = 1, address: str | None = None, dtype: str = "auto",
+    device: str = "cpu", progress: bool = True,
+) -> list[Attribution]:
+    """Attribute ``examples`` into ``store``: in this process with ``lm``, or on ``workers`` Ray
+    actors (each loading ``lm.source``) when ``workers > 1`` or a Ray ``address`` is given."""
+    if workers > 1 or address:
+        from .distributed import attribute_on_ray
+
+        return attribute_on_ray(lm.source, examples, config, workers=workers, store=store, header=header,
+                                address=address, dtype=dtype, device=device, progress=progress)
+    return attribute_examples(lm.model, lm.tokenizer, examples, config, store=store, header=header,
+                              progress=progress)
+
+
 def store_header(lm: LoadedModel, data: str, data_format: str) -> dict[str, Any]:
     """What an attribution store must match to be resumed."""
     return {"model": lm.name, "model_source": lm.source, "data": str(data), "data_format": data_format}
@@ -183,22 +199,11 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
         raise IrcanError(f"{output} already exists; pass --force to replace it")
     lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     data = recipe_data(recipe, lm, progress=progress, out_root=out_root)
-    header = store_header(lm, recipe.data, recipe.data_format)
-    if recipe.workers > 1 or recipe.ray_address:
-        from .distributed import attribute_on_ray
-
-        records = attribute_on_ray(
-            lm.source, data.attribution, recipe.attribution, workers=recipe.workers,
-            store=AttributionStore(store), header=header, address=recipe.ray_address,
-            dtype=recipe.dtype, device=recipe.device, progress=progress,
-        )
-        neurons = select_neurons(records, recipe.selection)
-    else:
-        neurons = find_context_neurons(
-            lm.model, lm.tokenizer, data.attribution, recipe.attribution, recipe.selection,
-            store=store, header=header, progress=progress,
-        )
-    neurons = neurons.scaled(recipe.beta, recipe.selection.rule)
+    records = attribute_rows(lm, data.attribution, recipe.attribution, AttributionStore(store),
+                             store_header(lm, recipe.data, recipe.data_format), workers=recipe.workers,
+                             address=recipe.ray_address, dtype=recipe.dtype, device=recipe.device,
+                             progress=progress)
+    neurons = select_neurons(records, recipe.selection).scaled(recipe.beta, recipe.selection.rule)
     neurons_file = store / "neurons.json"
     neurons.save(neurons_file)
     data_path = shipped_conflicts_path() if recipe.data == SHIPPED_SET else Path(recipe.data)

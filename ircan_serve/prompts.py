@@ -56,7 +56,6 @@ class PromptTemplate(BaseModel):
             return self.without_context.format(question=question)
         return self.with_context.format(context=context, question=question)
 
-
     def messages(self, question: str, context: str | None = None) -> list[dict[str, str]]:
         """The chat messages ChatIrcan sends for ``question`` (and ``context``)."""
         out = [{"role": "system", "content": self.system}] if self.system else []

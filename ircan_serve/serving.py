@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,6 +64,17 @@ class ServeConfig(BaseModel):
                                          "(default: by the model's family; see TOOL_CALL_PARSERS).")
     startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for readiness.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM server flags, as given.")
+
+
+def vllm_arg_parser() -> Any:
+    """vLLM's own OpenAI-server argument parser (raises ImportError where vLLM is absent)."""
+    try:  # the module moved between vLLM releases
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
 
 
 def has_gpu() -> bool:
@@ -245,7 +256,6 @@ class VLLMServer:
         """The OpenAI base URL, ``http://HOST:PORT/v1``."""
         return f"http://{self.config.host}:{self.port}/v1"
 
-
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of vLLM's log."""
         try:
@@ -392,9 +402,7 @@ def serve_forever(model_dir: str | Path, config: ServeConfig, *, require_manifes
             code = server.proc.poll() if server.proc is not None else None
             raise IrcanError(f"vLLM stopped unexpectedly (exit code {code}). Log tail:\n{server.log_tail()}")
     except KeyboardInterrupt:
-        stopping = True
-        if server is not None:
-            server.stop()
+        pass  # leaving `with server` (or a failed start) has stopped vLLM's group already
     finally:
         stopping = True
         for sig, handler in previous.items():

@@ -8,13 +8,9 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def test_vllm_config_is_accepted_by_vllms_own_parser(tmp_path):
-    try:  # the module moved between vLLM releases
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    except ImportError:
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from ircan_serve.serving import vllm_arg_parser
 
-    parser = make_arg_parser(FlexibleArgumentParser())
+    parser = vllm_arg_parser()
     args = parser.parse_args(["--model", str(tmp_path), "--config", str(DEPLOY / "vllm-config.yaml")])
     assert args.served_model_name == ["smollm2-conflicts"]
     assert args.generation_config == "vllm" and args.port == 8000

@@ -98,9 +98,9 @@ class IrcanEndpoint:
         if isinstance(kwargs, dict):
             if isinstance(kwargs.get("prompt_template"), PromptTemplate):
                 kwargs["prompt_template"] = kwargs["prompt_template"].model_dump()
-            for value in kwargs.values():
-                if isinstance(value, dict) and value.get("type") == "secret":
-                    value["id"] = ["IRCAN_API_KEY"]
+            key = kwargs.get("openai_api_key")
+            if isinstance(key, dict) and key.get("type") == "secret":
+                key["id"] = ["IRCAN_API_KEY"]
         return data
 
     @classmethod

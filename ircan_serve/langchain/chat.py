@@ -86,8 +86,7 @@ class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]
             last = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=None)
             if last is None:
                 raise IrcanError("a context was given but there is no human message to attach it to")
-            text = messages[last].text if hasattr(messages[last], "text") else str(messages[last].content)
-            messages[last] = HumanMessage(content=self._with_context(str(text), context))
+            messages[last] = HumanMessage(content=self._with_context(messages[last].text, context))
         template = self.prompt_template
         if template is not None and template.system and not any(isinstance(m, SystemMessage) for m in messages):
             messages.insert(0, SystemMessage(content=template.system))
