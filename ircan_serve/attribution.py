@@ -151,16 +151,19 @@ class _Pass:
     activations: torch.Tensor  # (n_layers, d_ff) FFN-output-projection inputs
     prob: float  # P(answer token)
     layer_outputs: list[Any] | None = None  # each decoder layer's output at the last position
+    cache: Any = None  # the prompt's KV cache, when asked for
 
 
 @torch.no_grad()
 def last_position_ffn_inputs(
     model: torch.nn.Module, input_ids: torch.Tensor, token: int, *, record_layers: bool = False,
+    keep_cache: bool = False,
 ) -> _Pass:
     """Run the prompt once; read every layer's FFN neurons and P(token) at the last position.
 
     ``record_layers`` keeps each decoder layer's last-position output, which
-    :func:`fast_scores` replays instead of running the layers below a patched one.
+    :func:`fast_scores` replays instead of running the layers below a patched one;
+    ``keep_cache`` the prompt's KV cache.
     """
     projections = ffn_out_projections(model)
     captured: list[torch.Tensor | None] = [None] * len(projections)
@@ -183,12 +186,21 @@ def last_position_ffn_inputs(
     if record_layers:
         handles += [d.register_forward_hook(make_recorder(i)) for i, d in enumerate(decoder_layers(model))]
     try:
-        out = model(input_ids, use_cache=False, **_last_logits_kwargs(model))
+        out = model(input_ids, use_cache=keep_cache, **_last_logits_kwargs(model))
     finally:
         for h in handles:
             h.remove()
     return _Pass(torch.stack(captured), _answer_prob(out.logits, token).item(),  # type: ignore[arg-type]
-                 outputs if record_layers else None)
+                 outputs if record_layers else None, out.past_key_values if keep_cache else None)
+
+
+def _without_last_token(cache: Any) -> Any:
+    """``cache`` cut to all tokens but the last (views, no copy), or None where a layer keeps a
+    sliding window: cutting one fails there once the prompt is as long as the window."""
+    if not _viewable(cache) or any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        return None
+    cache.crop(-1)
+    return cache
 
 
 def _map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -288,9 +300,35 @@ def riemann_alphas(n_steps: int, device: torch.device | None = None) -> torch.Te
     return torch.arange(1, n_steps + 1, device=device, dtype=torch.float32) / n_steps
 
 
+class AnswerProbability(torch.autograd.Function):
+    """``softmax(logits)[:, token]`` for (B, V) logits, with a lean backward.
+
+    It keeps the softmax and writes the (B, V) gradient ``P * (onehot - softmax)`` in one pass.
+    Autograd's softmax-then-select would first fill a zero (B, V) gradient for the selection and
+    then run softmax's backward over it: two more passes over the vocabulary for every row.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, token: int) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)  # (B, V)
+        ctx.save_for_backward(probs)
+        ctx.token = token
+        return probs[:, token]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (probs,) = ctx.saved_tensors
+        prob = probs[:, ctx.token]
+        scale = grad * prob  # (B,)
+        out = probs * -scale[:, None]  # -P * softmax
+        out[:, ctx.token] += scale
+        return out, None
+
+
 def _answer_prob(logits: torch.Tensor, token: int) -> torch.Tensor:
-    """(B,) probability of ``token`` at the last position of (B, T, V) logits."""
-    return torch.softmax(logits[:, -1, :].float(), dim=-1)[:, token]
+    """(B,) probability of ``token`` at the last position of (B, T, V) logits, in float32."""
+    last = logits.reshape(logits.shape[0], -1) if logits.shape[1] == 1 else logits[:, -1, :]
+    return AnswerProbability.apply(last.float(), token)
 
 
 # --------------------------------------------------------------------------- the two algorithms
@@ -335,6 +373,28 @@ def _chunks(layers: Sequence[int], per_pass: int) -> list[list[int]]:
     return [ordered[i : i + per_pass] for i in range(0, len(ordered), per_pass)]
 
 
+PASS_MEMORY_BYTES = 2 * 1024**3
+"""What the default pass size aims to fit: the rows' KV caches and vocabulary-sized buffers."""
+
+FALLBACK_ROWS = 120
+"""Rows per pass where the cache's size cannot be read (caches that are not viewable)."""
+
+
+def rows_per_pass(model: torch.nn.Module, prefix: Any) -> int:
+    """Rows that fit :data:`PASS_MEMORY_BYTES` in one fast pass over ``prefix``.
+
+    Each row holds, in every layer it runs, its own copy of the prompt's keys and values (the
+    attention concatenates the new token to the shared cache), and three float32 buffers of the
+    vocabulary's size (logits, softmax, their gradient). Short prompts fit every layer's rows in
+    one pass, which keeps the matrix products large; long prompts take several.
+    """
+    if not _viewable(prefix):
+        return FALLBACK_ROWS
+    kv = sum(2 * c.keys[0].numel() * c.keys.element_size() for c in prefix.layers)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, PASS_MEMORY_BYTES // (kv + 3 * 4 * vocab))
+
+
 def fast_scores(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -344,7 +404,7 @@ def fast_scores(
     token: int,
     n_steps: int,
     layers: Sequence[int],
-    internal_batch_size: int,
+    internal_batch_size: int | None = None,
     layer_outputs: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """The same scores as :func:`reference_scores`, from ``prefix``, the KV cache of all tokens
@@ -354,13 +414,14 @@ def fast_scores(
     ``[g*m, (g+1)*m)`` patch layer ``chunk[g]``. Rows are independent, so one backward pass yields
     every layer's gradients. With ``layer_outputs`` (each decoder layer's last-position output in
     the plain pass), layer ``k`` computes only the rows that patch a layer ``<= k``: a row's work
-    starts at its own layer, whatever the pass size.
+    starts at its own layer, whatever the pass size. ``internal_batch_size`` bounds the rows of a
+    pass (default: :func:`rows_per_pass`).
     """
     projections = ffn_out_projections(model)
     blocks = decoder_layers(model)
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     last = input_ids[:, -1:]  # (1, 1)
-    per_pass = max(1, internal_batch_size // n_steps)
+    per_pass = max(1, (internal_batch_size or rows_per_pass(model, prefix)) // n_steps)
     viewable = _viewable(prefix)
     scores = torch.zeros_like(target, dtype=torch.float32)
     for chunk in _chunks(layers, per_pass):
@@ -425,18 +486,18 @@ class ContextAwareIntegratedGradients:
         token = answer_token_id(self.tokenizer, example.prompt, example.answer)
         fast = config.method == "fast" and ids_with.shape[1] >= 2
         without = last_position_ffn_inputs(self.model, ids_without, token)  # a'
-        with_ = last_position_ffn_inputs(self.model, ids_with, token,
+        with_ = last_position_ffn_inputs(self.model, ids_with, token, keep_cache=fast,
                                          record_layers=fast and self.replay_lower_layers)  # a
         args = (without.activations, with_.activations, token, config.n_steps, layers)
         if not fast:
             scores = reference_scores(self.model, ids_with, *args)
         else:
-            # The cache of all tokens but the last, from its own pass: cropping the full prompt's
-            # cache fails on sliding-window caches (Mistral, Gemma 2/3) once the prompt is as long
-            # as the window, and the extra pass costs one forward of the prompt.
-            with torch.no_grad():
-                prefix = self.model(ids_with[:, :-1], use_cache=True,
-                                    **_last_logits_kwargs(self.model)).past_key_values
+            # The cache of all tokens but the last: the prompt's own, cut by one token, or, for
+            # sliding-window caches (Mistral, Gemma 2/3), from a pass of the decoder alone
+            prefix = _without_last_token(with_.cache)
+            if prefix is None:
+                with torch.no_grad():
+                    prefix = self.model.base_model(ids_with[:, :-1], use_cache=True).past_key_values
             scores = fast_scores(self.model, ids_with, prefix, *args, config.internal_batch_size,
                                  layer_outputs=with_.layer_outputs)
         return Attribution(
@@ -473,6 +534,8 @@ class AttributionStore:
         header = {**header, "store_version": STORE_VERSION}
         if self.header_path.is_file():
             existing = json.loads(self.header_path.read_text())
+            # older stores recorded the batch size, which does not change the scores
+            existing.get("attribution", {}).pop("internal_batch_size", None)
             if existing.get("store_version", 1) != STORE_VERSION:
                 raise IrcanError(
                     f"attribution store {self.path} is version {existing.get('store_version', 1)} "

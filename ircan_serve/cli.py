@@ -57,7 +57,7 @@ def config_from_flags(ns: argparse.Namespace, config: type[BaseModel], base: Bas
     """Build ``config`` from the flags that were given, on top of ``base`` (or the defaults)."""
     prefix = config.__name__ + "."
     given = {k[len(prefix):]: v for k, v in vars(ns).items() if k.startswith(prefix) and v is not None}
-    start = base.model_dump() if base is not None else {}
+    start = dict(base) if base is not None else {}  # every field, those left out of dumps too
     try:
         return config.model_validate({**start, **given})
     except Exception as e:  # pydantic's message names the field and the rule
@@ -494,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only this many layers (spread over the depth) in both methods; "
                         "default: all for prompts under 100 tokens, 3 above")
     b.add_argument("--n-steps", type=int, default=20)
+    b.add_argument("--baseline", metavar="DIR",
+                   help="also time the fast path of another checkout (its root, e.g. a `git worktree` of "
+                        "an earlier commit) on the --data rows")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("eval", help="CAD with KV caches vs naive CAD; time of the paper's h x beta grid")
     b.add_argument("--model", default="smollm2")

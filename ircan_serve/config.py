@@ -34,11 +34,13 @@ class AttributionConfig(_Settings):
         description="'fast' reuses the prefix KV cache and batches steps and layers; "
         "'reference' recomputes the full sequence one layer at a time (for checking).",
     )
-    internal_batch_size: int = Field(
-        120,
+    internal_batch_size: int | None = Field(
+        None,
         ge=1,
-        description="Rows (steps x layers) per forward/backward pass of the fast method; "
-        "lower it to save memory on long prompts.",
+        exclude=True,  # how the work is batched, not what is computed: stores and manifests omit it
+        description="Rows (steps x layers) per forward/backward pass of the fast method. Default: "
+        "as many as fit in about 2 GiB of KV cache and logits (every layer in one pass for short "
+        "prompts, fewer for long ones); set it to bound memory yourself.",
     )
     layers: list[int] | None = Field(
         None, description="Decoder layers to score (default: all)."

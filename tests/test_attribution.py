@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ircan_serve.attribution import (
+    AnswerProbability,
     AttributionStore,
     ContextAwareIntegratedGradients,
     answer_token_id,
@@ -22,6 +23,17 @@ def test_answer_token_keeps_leading_space(tiny_llama):
 
 def test_riemann_points_are_the_papers():
     assert riemann_alphas(4).tolist() == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_answer_probability_equals_softmax_and_its_gradient():
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 300, dtype=torch.float64) * 6).requires_grad_()
+    assert torch.autograd.gradcheck(AnswerProbability.apply, (logits, 7))
+    weights = torch.rand(5, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((AnswerProbability.apply(logits, 7) * weights).sum(), logits)
+    (plain,) = torch.autograd.grad((torch.softmax(logits, -1)[:, 7] * weights).sum(), logits)
+    torch.testing.assert_close(AnswerProbability.apply(logits, 7), torch.softmax(logits, -1)[:, 7])
+    torch.testing.assert_close(ours, plain)
 
 
 def test_scores_are_delta_times_mean_gradient_for_one_step(tiny_llama, conflicts):
@@ -128,6 +140,49 @@ def test_store_refuses_other_settings(tmp_path, tiny_llama, conflicts):
         attribute_examples(tiny_llama.model, tiny_llama.tokenizer, conflicts[:1],
                            AttributionConfig(n_steps=5), store=store, header={"model": "tiny"},
                            progress=False)
+
+
+def test_pass_size_is_not_a_setting_of_the_store(tmp_path, tiny_llama, conflicts):
+    """The batch size changes how the work is split, not the scores: a store resumes under any
+    pass size, and one written when headers still recorded it resumes too."""
+    import json
+
+    store = AttributionStore(tmp_path / "s")
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    first = attribute_examples(model, tok, conflicts[:2], AttributionConfig(internal_batch_size=40), store=store,
+                               header={"model": "tiny"}, progress=False)
+    header = json.loads(store.header_path.read_text())
+    assert "internal_batch_size" not in header["attribution"]
+    header["attribution"]["internal_batch_size"] = 120  # as older versions wrote it
+    store.header_path.write_text(json.dumps(header))
+    records = attribute_examples(model, tok, conflicts[:2], AttributionConfig(internal_batch_size=20),
+                                 store=AttributionStore(tmp_path / "s"), header={"model": "tiny"}, progress=False)
+    assert [r.example_id for r in records] == [e.id for e in conflicts[:2]]
+    assert all(torch.equal(a.scores, b.scores) for a, b in zip(first, records))  # read back, not redone
+
+
+def test_default_pass_size_fits_the_memory_budget(tiny_llama, conflicts, monkeypatch):
+    """Short prompts run every layer's rows in one pass; a budget that holds fewer rows splits
+    the layers over more passes, with the same scores."""
+    from ircan_serve import attribution
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    ig = ContextAwareIntegratedGradients(model, tok)
+    passes = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (passes.append(k.get("past_key_values") is not None),
+                                                           real_forward(*a, **k))[1])
+    config = AttributionConfig(n_steps=4)
+    one = ig.attribute(conflicts[0], config).scores
+    assert passes.count(True) == 1  # all layers x 4 steps in one pass
+
+    prefix = model.base_model(torch.tensor([tok(conflicts[0].prompt)["input_ids"][:-1]]), use_cache=True).past_key_values
+    per_row = attribution.PASS_MEMORY_BYTES // attribution.rows_per_pass(model, prefix)
+    monkeypatch.setattr(attribution, "PASS_MEMORY_BYTES", per_row * 5)  # 5 rows: one layer of 4 steps
+    passes.clear()
+    split = ig.attribute(conflicts[0], config).scores
+    assert passes.count(True) == model.config.num_hidden_layers
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6 * one.abs().max().item())
 
 
 def test_version_1_store_is_readable_for_the_paper_rule_only(tmp_path, tiny_llama, conflicts):
@@ -241,17 +296,17 @@ def test_fast_path_starting_at_the_patched_layer_equals_reference(tiny_tokenizer
 
 
 def test_layers_below_the_patch_are_not_run(tiny_tokenizer, conflicts):
-    """Scoring layers 2 and 3 runs layers 0-1 only in the three plain passes (without context,
-    with context, prefix), never in the integrated-gradient passes; afterwards every layer
-    computes normally again."""
+    """Scoring layers 2 and 3 runs layers 0-1 only in the two plain passes (without context,
+    with context, whose cache cut by one token is the prefix), never in the integrated-gradient
+    passes; afterwards every layer computes normally again."""
     model = _four_layer_llama(tiny_tokenizer)
     calls = [0] * 4
     for i, layer in enumerate(model.model.layers):
         layer.mlp.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
     ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
     ig.attribute(conflicts[0], AttributionConfig(n_steps=4, internal_batch_size=4, layers=[2, 3]))
-    assert calls[:2] == [3, 3]  # the plain passes only
-    assert calls[2:] == [4, 5]  # + its own pass; layer 3 runs in both passes
+    assert calls[:2] == [2, 2]  # the plain passes only
+    assert calls[2:] == [3, 4]  # + its own pass; layer 3 runs in both passes
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
     calls[:] = [0] * 4
     model(torch.tensor([[1, 2, 3]]))

@@ -138,6 +138,8 @@ class EvalStore:
         self.data: dict[str, Any] = {"settings": settings, "methods": [], "side_effects": None}
         if self.path.is_file():
             old = json.loads(self.path.read_text())
+            # older results recorded the attribution batch size, which changes no result
+            old.get("settings", {}).get("recipe", {}).get("attribution", {}).pop("internal_batch_size", None)
             if old.get("settings") == settings:
                 self.data = old
             else:
