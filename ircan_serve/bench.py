@@ -10,7 +10,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .data import QA_TEMPLATE, ConflictExample, load_examples
@@ -86,28 +86,109 @@ class AttributionBench:
     max_abs_diff: dict[str, float]
     """Method -> max |score - reference score| over the examples."""
     max_abs_score: float
+    flops: dict[str, float] = field(default_factory=dict)
+    """Method -> matrix-product FLOPs (forward and backward) of the first example, as
+    ``torch.utils.flop_counter`` counts them (the fast paths only: the reference is too slow)."""
 
     def ratio(self, slow: str, fast: str = "fast") -> float:
         return self.seconds[slow] / self.seconds[fast]
+
+    def gflops(self, method: str = "fast") -> float:
+        """Matrix-product GFLOP/s the method reached (its FLOPs over its seconds per example)."""
+        return self.flops[method] / self.seconds[method] / 1e9
+
+
+_BASELINE_SCRIPT = """\
+import json, sys, time
+root, model_spec, path, k, layers, n_steps, out = sys.argv[1:8]
+sys.path.insert(0, root)
+import numpy as np
+import ircan_serve
+from ircan_serve.attribution import ContextAwareIntegratedGradients
+from ircan_serve.config import AttributionConfig
+from ircan_serve.data import load_examples
+from ircan_serve.models import load_model
+assert ircan_serve.__file__.startswith(root), ircan_serve.__file__
+lm = load_model(model_spec)
+examples = load_examples(path, limit=int(k), tokenizer=lm.tokenizer).examples
+ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
+config = AttributionConfig(layers=json.loads(layers), n_steps=int(n_steps))
+ig.attribute(examples[0], config)
+t0 = time.perf_counter()
+scores = [ig.attribute(e, config).scores.numpy() for e in examples]
+seconds = (time.perf_counter() - t0) / len(examples)
+np.save(out, np.stack(scores))
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def _baseline_worker(root: str, model_spec: str, source: str, layers: list[int],
+                     n_steps: int) -> tuple[float, float, float, list[Any], None]:
+    """The fast path of another checkout of ircan-serve, timed like :func:`_attribution_worker`
+    (warm-up, then seconds per example) in its own interpreter. ``root`` holds that version's
+    ``ircan_serve`` package, e.g. ``git worktree add ../ircan-old COMMIT``; only its public
+    attribution API is used."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from .errors import IrcanError
+
+    path, k = _file_and_rows(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "scores.npy"
+        proc = subprocess.run(
+            [sys.executable, "-c", _BASELINE_SCRIPT, str(Path(root).resolve()), model_spec, path, str(k),
+             json.dumps(layers), str(n_steps), str(out)], capture_output=True, text=True)
+        if proc.returncode:
+            raise IrcanError(f"the baseline in {root} failed:\n{proc.stderr[-2000:]}")
+        seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+        return float("nan"), seconds, float("nan"), list(np.load(out)), None
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 8) -> float:
+    """This machine's float32 matrix-product speed: the best of ``repeats`` square products,
+    with torch's threads, in GFLOP/s; the ceiling the attribution paths can approach."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
 
 
 def _bench_examples(tokenizer: Any, source: str) -> list[ConflictExample]:
     """``len:N`` -> the padded shipped example of ~N tokens; ``FILE[:K]`` -> the first K rows (3)."""
     if source.startswith("len:"):
         return [prompt_of_length(tokenizer, int(source[4:]))]
+    path, k = _file_and_rows(source)
+    return load_examples(path, limit=k, tokenizer=tokenizer).examples
+
+
+def _file_and_rows(source: str) -> tuple[str, int]:
+    """``FILE[:K]`` -> (FILE, K), K = 3 when not given."""
     path, _, k = source.rpartition(":") if source.rsplit(":", 1)[-1].isdigit() else (source, "", "3")
-    return load_examples(path, limit=int(k), tokenizer=tokenizer).examples
+    return path, int(k)
 
 
 def _attribution_worker(model_spec: str, source: str, method: str, layers: list[int] | None,
-                        n_steps: int) -> tuple[float, float, float, list[Any]]:
+                        n_steps: int) -> tuple[float, float, float, list[Any], float | None]:
     """In a fresh process: load, warm up with the timed shapes, then time each example.
 
-    Returns mean prompt tokens, seconds per example, peak MiB and the scores. Memory is the peak
-    RSS above the level after loading the model, warm-up included, so each method's working set
-    is measured alone.
+    Returns mean prompt tokens, seconds per example, peak MiB, the scores and (fast paths only)
+    the matrix-product FLOPs of the first example. Memory is the peak RSS above the level after
+    loading the model, warm-up included, so each method's working set is measured alone.
     """
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from .attribution import ContextAwareIntegratedGradients
     from .config import AttributionConfig
@@ -125,21 +206,40 @@ def _attribution_worker(model_spec: str, source: str, method: str, layers: list[
         scores = [torch.Tensor.numpy(ig.attribute(e, config).scores) for e in examples]
         seconds = (time.perf_counter() - t0) / len(examples)
     n_tok = sum(len(lm.tokenizer(e.prompt)["input_ids"]) for e in examples) / len(examples)
-    return n_tok, seconds, mem.mib, scores
+    flops = None
+    if method != "reference":  # counted after timing: the counter slows every operation down
+        with FlopCounterMode(display=False) as counter:
+            ig.attribute(examples[0], config)
+        flops = float(counter.get_total_flops())
+    return n_tok, seconds, mem.mib, scores, flops
+
+
+def _in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a new spawned process, so that no state of an earlier run is shared."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
-                      reference_layers: int | None) -> list[AttributionBench]:
+                      reference_layers: int | None, baseline: str | None = None) -> list[AttributionBench]:
     """Time the three methods on the same examples and layers, each in its own process.
 
     ``sources``: ``len:N`` (a shipped question padded to ~N tokens) or ``FILE[:K]`` (its first K
     rows, e.g. MemoTrap). Every layer is scored for prompts under 100 tokens, 3 above (the
-    reference is slow), unless ``reference_layers`` says otherwise.
+    reference is slow), unless ``reference_layers`` says otherwise. ``baseline``: the root of
+    another checkout, whose fast path is timed too (method ``baseline``; data rows only).
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from pathlib import Path
 
     import numpy as np
+
+    from .errors import IrcanError
+
+    if baseline and not (Path(baseline) / "ircan_serve" / "attribution.py").is_file():
+        raise IrcanError(f"--baseline {baseline}: no ircan_serve package there (pass a checkout's root)")
     from transformers import AutoConfig
     from tqdm.auto import tqdm
 
@@ -147,17 +247,19 @@ def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
 
     n_layers = AutoConfig.from_pretrained(resolve_model(model_spec)).num_hidden_layers
     rows = []
-    with tqdm(total=len(sources) * len(ATTRIBUTION_METHODS), desc="bench attribution", unit="run") as bar:
+    runs = len(sources) * (len(ATTRIBUTION_METHODS) + (1 if baseline else 0))
+    with tqdm(total=runs, desc="bench attribution", unit="run") as bar:
         for source in sources:
             long = source.startswith("len:") and int(source[4:]) >= 100
             k = reference_layers or (3 if long else n_layers)
             layers = sorted({round(i * (n_layers - 1) / max(1, k - 1)) for i in range(k)})
             out = {}
             for method in ATTRIBUTION_METHODS:
-                with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-                    out[method] = pool.submit(_attribution_worker, model_spec, source, method, layers,
-                                              n_steps).result()
+                out[method] = _in_fresh_process(_attribution_worker, model_spec, source, method, layers, n_steps)
                 bar.update(1)
+            if baseline and not source.startswith("len:"):
+                out["baseline"] = _baseline_worker(baseline, model_spec, source, layers, n_steps)
+            bar.update(1 if baseline else 0)
             ref = out["reference"][3]
             rows.append(AttributionBench(
                 label=source, tokens=out["fast"][0], layers=len(layers), examples=len(ref),
@@ -165,6 +267,7 @@ def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
                 max_abs_diff={m: max(float(np.abs(a - b).max()) for a, b in zip(o[3], ref))
                               for m, o in out.items()},
                 max_abs_score=max(float(np.abs(r).max()) for r in ref),
+                flops={m: o[4] for m, o in out.items() if o[4] is not None},
             ))
     return rows
 
@@ -242,22 +345,41 @@ def run(ns: argparse.Namespace) -> None:
         return
     if ns.bench == "attribution":
         sources = [f"len:{n}" for n in ns.lengths] + list(ns.data)
-        rows = bench_attribution(ns.model, sources, ns.n_steps, ns.reference_layers)
+        rows = bench_attribution(ns.model, sources, ns.n_steps, ns.reference_layers, ns.baseline)
         table = Table(title=f"attribution, {ns.model}, m = {ns.n_steps}, one run; seconds per example, "
                             "each method in its own process, peak = RSS above the loaded model")
         for col in ("examples", "prompt tokens", "layers", "reference s", "full-stack s", "fast s",
                     "fast vs reference", "fast vs full-stack", "peak MiB ref / full / fast",
-                    "max |fast - ref| / max |score|"):
+                    "max |fast - ref| / max |score|", "GFLOP per example full / fast",
+                    "matmul GFLOP/s full / fast"):
             table.add_column(col, justify="right")
+        if ns.baseline:
+            for col in ("baseline s", "fast vs baseline", "max |baseline - ref| / max |score|"):
+                table.add_column(col, justify="right")
         for r in rows:
-            table.add_row(
+            cells = [
                 f"{r.label} ({r.examples})", f"{r.tokens:.0f}", str(r.layers), f"{r.seconds['reference']:.2f}",
                 f"{r.seconds['full-stack']:.2f}", f"{r.seconds['fast']:.2f}", f"{r.ratio('reference'):.1f}x",
                 f"{r.ratio('full-stack'):.2f}x",
                 " / ".join(f"{r.mib[m]:.0f}" for m in ("reference", "full-stack", "fast")),
                 f"{r.max_abs_diff['fast'] / r.max_abs_score:.1e}",
-            )
-        Console(width=180).print(table)
+                f"{r.flops['full-stack'] / 1e9:.0f} / {r.flops['fast'] / 1e9:.0f}",
+                f"{r.gflops('full-stack'):.0f} / {r.gflops('fast'):.0f}",
+            ]
+            if ns.baseline:
+                cells += ([f"{r.seconds['baseline']:.2f}", f"{r.ratio('baseline'):.2f}x",
+                           f"{r.max_abs_diff['baseline'] / r.max_abs_score:.1e}"]
+                          if "baseline" in r.seconds else ["-"] * 3)
+            table.add_row(*cells)
+        console = Console(width=240)
+        console.print(table)
+        peak = _in_fresh_process(matmul_peak_gflops)
+        console.print(f"this machine's float32 matrix product (2048 x 2048 x 2048, best of 8): {peak:.0f} GFLOP/s")
+        for r in rows:
+            need = r.flops["fast"] / (r.seconds["full-stack"] / 1.7) / 1e9
+            console.print(f"{r.label}: 1.7x the full-stack path would need the fast path's "
+                          f"{r.flops['fast'] / 1e9:.0f} GFLOP per example at {need:.0f} GFLOP/s, "
+                          f"{need / peak:.0%} of that peak (it runs at {r.gflops() / peak:.0%})")
 
 
 # --------------------------------------------------------------------------- serving

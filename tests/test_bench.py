@@ -1,0 +1,35 @@
+"""`ircan bench attribution` measures what it says: the same scores, and the FLOPs it reports."""
+
+from pathlib import Path
+
+import pytest
+
+from ircan_serve.bench import bench_attribution, matmul_peak_gflops
+from ircan_serve.errors import IrcanError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_attribution_bench_reports_equal_scores_and_fewer_flops_for_the_fast_path(tiny_llama_dir):
+    # this checkout doubles as the baseline checkout: it must give the fast path's scores
+    (row,) = bench_attribution(str(tiny_llama_dir), ["conflicts:2"], n_steps=3, reference_layers=None,
+                               baseline=str(REPO))
+    assert row.examples == 2 and row.layers >= 2
+    assert row.max_abs_diff["fast"] <= 1e-4 * row.max_abs_score
+    assert row.max_abs_diff["full-stack"] <= 1e-4 * row.max_abs_score
+    assert set(row.flops) == {"full-stack", "fast"}  # the reference is not counted
+    # starting each row at its layer does strictly less matrix work than running every layer
+    assert 0 < row.flops["fast"] < row.flops["full-stack"]
+    assert row.gflops("fast") > 0
+    assert row.seconds["baseline"] > 0
+    assert row.max_abs_diff["baseline"] <= 1e-4 * row.max_abs_score
+
+
+def test_baseline_must_be_a_checkout(tmp_path, tiny_llama_dir):
+    with pytest.raises(IrcanError, match="no ircan_serve package there"):
+        bench_attribution(str(tiny_llama_dir), ["conflicts:1"], n_steps=2, reference_layers=None,
+                          baseline=str(tmp_path))
+
+
+def test_matmul_peak_is_a_speed():
+    assert matmul_peak_gflops(size=256, repeats=2) > 0
