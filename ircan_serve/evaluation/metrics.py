@@ -21,7 +21,6 @@ import torch
 from pydantic import BaseModel, Field
 
 from ..attribution import answer_token_id
-from ..conflicts import answer_matches  # noqa: F401 - the one matching rule, used by the runner
 from ..data import ConflictExample
 from ..prompts import encode
 

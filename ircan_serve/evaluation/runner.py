@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from ..attribution import answer_token_id
+from ..conflicts import answer_matches
 from ..data import ConflictExample
 from ..errors import IrcanError
 from .decoding import cad_logits, greedy_generate
@@ -27,7 +28,6 @@ from .methods import Method
 from .metrics import (  # noqa: F401
     Score,
     agreement,
-    answer_matches,
     next_token_logits,
     score,
     score_choices,
