@@ -325,6 +325,54 @@ class AnswerProbability(torch.autograd.Function):
         return out, None
 
 
+class AnswerProbabilityHead(torch.autograd.Function):
+    """``softmax(hidden @ weight.T + bias)[:, token]`` for (B, H) final hidden states, with its
+    gradient worked out in the forward.
+
+    P(token) is the end of the graph, so its derivative with respect to the hidden state,
+    ``P * (w_token - sum_v p_v w_v)``, is known as soon as the softmax is: it is computed here,
+    kept as a (B, H) tensor, and the backward only scales it. The (V, B) logits live in one
+    buffer (softmax in place, float32 whatever the model dtype) and are freed before the
+    backward, where :class:`AnswerProbability` keeps three (B, V) tensors for it. The product is
+    taken as ``weight @ hidden.T``, the faster layout on CPU (BLAS streams the large weight once).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                token: int) -> torch.Tensor:
+        probs = torch.mm(weight, hidden.t())  # (V, B)
+        if bias is not None:
+            probs += bias[:, None]
+        probs = probs.float()  # a no-op in float32; bfloat16 logits get one float32 copy
+        probs.sub_(probs.amax(dim=0)).exp_()
+        probs.div_(probs.sum(dim=0))  # softmax over the vocabulary, in place
+        prob = probs[token].clone()  # (B,)
+        if ctx.needs_input_grad[0]:
+            mixed = torch.mm(probs.t().to(weight.dtype), weight).float()  # (B, H): sum_v p_v w_v
+            ctx.save_for_backward(prob[:, None] * (weight[token].float() - mixed))
+            ctx.hidden_dtype = hidden.dtype
+        return prob
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (dprob_dhidden,) = ctx.saved_tensors
+        return (grad[:, None] * dprob_dhidden).to(ctx.hidden_dtype), None, None, None
+
+
+def plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output head when its logits are exactly ``head(base_model(...) hidden)``, so
+    that :class:`AnswerProbabilityHead` can stand in for it; None where the model changes the
+    logits afterwards (Gemma 2/3's final soft-capping, Granite's logit scaling) or the head is not
+    a plain ``nn.Linear``."""
+    head = model.get_output_embeddings()
+    config = model.config
+    if type(head) is not torch.nn.Linear:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", 1.0) != 1.0:
+        return None
+    return head
+
+
 def _answer_prob(logits: torch.Tensor, token: int) -> torch.Tensor:
     """(B,) probability of ``token`` at the last position of (B, T, V) logits, in float32."""
     last = logits.reshape(logits.shape[0], -1) if logits.shape[1] == 1 else logits[:, -1, :]
@@ -384,15 +432,22 @@ def rows_per_pass(model: torch.nn.Module, prefix: Any) -> int:
     """Rows that fit :data:`PASS_MEMORY_BYTES` in one fast pass over ``prefix``.
 
     Each row holds, in every layer it runs, its own copy of the prompt's keys and values (the
-    attention concatenates the new token to the shared cache), and three float32 buffers of the
-    vocabulary's size (logits, softmax, their gradient). Short prompts fit every layer's rows in
-    one pass, which keeps the matrix products large; long prompts take several.
+    attention concatenates the new token to the shared cache), and vocabulary-sized buffers: one
+    float32 column of :class:`AnswerProbabilityHead`'s logits (plus the model-dtype product when
+    that is not float32), or three float32 rows (logits, softmax, their gradient) where the model's
+    own head runs. Short prompts fit every layer's rows in one pass, which keeps the matrix
+    products large; long prompts take several.
     """
     if not _viewable(prefix):
         return FALLBACK_ROWS
     kv = sum(2 * c.keys[0].numel() * c.keys.element_size() for c in prefix.layers)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    return max(1, PASS_MEMORY_BYTES // (kv + 3 * 4 * vocab))
+    weight = model.get_output_embeddings().weight
+    vocab = weight.shape[0]
+    if plain_output_head(model) is None:
+        per_vocab = 3 * 4
+    else:
+        per_vocab = 4 + (weight.element_size() if weight.dtype != torch.float32 else 0)
+    return max(1, PASS_MEMORY_BYTES // (kv + per_vocab * vocab))
 
 
 def fast_scores(
@@ -421,6 +476,7 @@ def fast_scores(
     blocks = decoder_layers(model)
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     last = input_ids[:, -1:]  # (1, 1)
+    head = plain_output_head(model)
     per_pass = max(1, (internal_batch_size or rows_per_pass(model, prefix)) // n_steps)
     viewable = _viewable(prefix)
     scores = torch.zeros_like(target, dtype=torch.float32)
@@ -441,11 +497,13 @@ def fast_scores(
         cache = _cache_view(prefix, active)
         limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows)
         with _patched_last_position(projections, patches), limited:
-            logits = model(
-                last.expand(rows, 1), past_key_values=cache, use_cache=True,
-                **_last_logits_kwargs(model),
-            ).logits
-        probs = _answer_prob(logits, token)  # (rows,)
+            if head is not None:  # the decoder, then P(answer) straight from its last hidden state
+                hidden = model.base_model(last.expand(rows, 1), past_key_values=cache, use_cache=True)
+                probs = AnswerProbabilityHead.apply(hidden.last_hidden_state[:, -1], head.weight, head.bias, token)
+            else:
+                logits = model(last.expand(rows, 1), past_key_values=cache, use_cache=True,
+                               **_last_logits_kwargs(model)).logits
+                probs = _answer_prob(logits, token)  # (rows,)
         (grads,) = torch.autograd.grad(probs.sum(), points)  # (g, m, d_ff)
         scores[chunk] = deltas.float() * grads.float().mean(dim=1)  # float32 whatever the model dtype
     return scores

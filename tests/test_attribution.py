@@ -168,10 +168,11 @@ def test_default_pass_size_fits_the_memory_budget(tiny_llama, conflicts, monkeyp
 
     model, tok = tiny_llama.model, tiny_llama.tokenizer
     ig = ContextAwareIntegratedGradients(model, tok)
-    passes = []
-    real_forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: (passes.append(k.get("past_key_values") is not None),
-                                                           real_forward(*a, **k))[1])
+    passes = []  # the decoder's runs, True for those from a prefix cache (the fast passes)
+    decoder = model.base_model
+    real_forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: (passes.append(k.get("past_key_values") is not None),
+                                                             real_forward(*a, **k))[1])
     config = AttributionConfig(n_steps=4)
     one = ig.attribute(conflicts[0], config).scores
     assert passes.count(True) == 1  # all layers x 4 steps in one pass
