@@ -53,3 +53,42 @@ def test_family_fast_matches_reference(family, tiny_model_dirs, conflicts):
     scale = ref.scores.abs().max()
     assert scale > 0
     torch.testing.assert_close(fast.scores, ref.scores, rtol=1e-5, atol=1e-5 * scale.item())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_output_head_gives_the_models_logits(family, tiny_model_dirs):
+    """Where the fast path computes P(answer) from the decoder's hidden state itself, that is
+    exactly what the model's own forward would give."""
+    from ircan_serve.attribution import plain_output_head
+
+    lm = load_model(str(tiny_model_dirs[family]))
+    head = plain_output_head(lm.model)
+    assert head is not None
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(head(lm.model.base_model(ids).last_hidden_state), lm.model(ids).logits)
+
+
+@pytest.mark.parametrize(("model_type", "setting"), [("gemma2", {"final_logit_softcapping": 30.0}),
+                                                      ("granite", {"logits_scaling": 4.0})])
+def test_heads_that_change_logits_are_not_plain(model_type, setting, tiny_tokenizer, conflicts):
+    """Soft-capped or scaled logits keep the model's own head, and the fast path still equals
+    the reference."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from ircan_serve.attribution import plain_output_head
+
+    cfg = tiny_config(model_type, len(tiny_tokenizer))
+    for key, value in setting.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert plain_output_head(model) is None
+    for key in setting:  # the same family without the change has a plain head
+        setattr(cfg, key, {"final_logit_softcapping": None, "logits_scaling": 1.0}[key])
+    assert plain_output_head(AutoModelForCausalLM.from_config(cfg)) is not None
+    ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
+    fast = ig.attribute(conflicts[0], AttributionConfig(n_steps=3)).scores
+    ref = ig.attribute(conflicts[0], AttributionConfig(n_steps=3, method="reference")).scores
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
