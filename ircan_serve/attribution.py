@@ -27,7 +27,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,97 @@ def _cache_view(prefix: Any, rows: int | Sequence[int]) -> Any:
     return view
 
 
+SHARED_PREFIX_ATTENTION = "ircan_shared_prefix"
+"""The name :func:`shared_prefix_attention` is registered under with transformers' attention
+functions; the fast passes switch the model's attention implementation to it."""
+
+_shared_prefix: ContextVar[tuple[Any, list[int]] | None] = ContextVar("ircan_shared_prefix", default=None)
+"""During a shared-prefix pass: the prefix cache, and the layers whose attention ran."""
+
+
+def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+                            **_kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of each row's one new token over a prompt prefix that all rows share.
+
+    Every row of a fast pass continues the same prompt, so the prefix's keys and values are kept
+    once, (1, Hkv, P, d), never copied per row: one product per key head scores every row's
+    query heads against the prefix, and each row adds its own token, whose key and value
+    (``key``, ``value``: (B, Hkv, 1, d)) the pass-through cache hands over unstored. Without the
+    copies and the per-row kernel calls of scaled-dot-product attention this is faster, and a
+    long prompt no longer bounds the rows of a pass. Returns (B, 1, Hq, d), as transformers'
+    attention functions do.
+    """
+    prefix, ran = _shared_prefix.get()  # type: ignore[misc]
+    ran.append(module.layer_idx)
+    cached = prefix.layers[module.layer_idx]
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    q = query.reshape(rows, kv_heads, group, dim)  # query head j*group + i reads key head j
+    by_head = q.transpose(0, 1).reshape(kv_heads, rows * group, dim)
+    on_prefix = torch.bmm(by_head, cached.keys[0].transpose(1, 2))  # (Hkv, B*group, P)
+    on_own = (q * key).sum(-1).transpose(0, 1).reshape(kv_heads, rows * group, 1)
+    scores = torch.cat([on_prefix, on_own], dim=-1).float() * scale
+    weights = (scores - scores.amax(dim=-1, keepdim=True).detach()).exp()
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(query.dtype)  # (Hkv, B*group, P + 1)
+    own_values = value.transpose(0, 1).expand(kv_heads, rows, group, dim).reshape(kv_heads, rows * group, dim)
+    out = torch.bmm(weights[..., :-1], cached.values[0]) + weights[..., -1:] * own_values
+    return out.reshape(kv_heads, rows, group, dim).transpose(0, 1).reshape(rows, 1, heads, dim), None
+
+
+def _register_shared_prefix_attention() -> None:
+    """Make :data:`SHARED_PREFIX_ATTENTION` an attention implementation transformers can select
+    (its mask function makes no mask: the last token sees the whole prefix)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+    AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, lambda *_args, **_kwargs: None)
+
+
+def _shares_prefix(model: torch.nn.Module, prefix: Any) -> bool:
+    """Whether the fast passes can use :func:`shared_prefix_attention`: a cache with one key and
+    value tensor per layer, and no attention soft-capping (Gemma 2) or GPT-2's reordered
+    attention, which compute otherwise. Sliding-window layers qualify: their cache keeps exactly
+    the window's earlier tokens, which is what the new token attends to."""
+    config = model.config
+    return (_viewable(prefix) and not getattr(config, "attn_logit_softcapping", None)
+            and not getattr(config, "reorder_and_upcast_attn", False))
+
+
+def _pass_through(key_states: torch.Tensor, value_states: torch.Tensor, *_args: Any, **_kwargs: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return key_states, value_states
+
+
+@contextmanager
+def _shared_prefix_pass(model: torch.nn.Module, prefix: Any) -> Iterator[tuple[Any, list[int]]]:
+    """Run the model's attention as :func:`shared_prefix_attention` over ``prefix``.
+
+    Yields a cache for the pass (``prefix``'s layers, whose ``update`` hands the new token's key
+    and value through without storing them) and the list of layers whose attention ran.
+    """
+    view = copy.copy(prefix)
+    view.layers = []
+    for layer in prefix.layers:
+        own = copy.copy(layer)
+        own.update = _pass_through
+        view.layers.append(own)
+    _register_shared_prefix_attention()
+    ran: list[int] = []
+    token = _shared_prefix.set((prefix, ran))
+    config = model.config
+    saved = config._attn_implementation
+    config._attn_implementation = SHARED_PREFIX_ATTENTION
+    try:
+        yield view, ran
+    finally:
+        config._attn_implementation = saved
+        _shared_prefix.reset(token)
+
+
 def _first_rows(value: Any, rows: int, n: int) -> Any:
     """``value`` (a layer's argument) cut to its first ``n`` of ``rows`` batch rows."""
     if isinstance(value, torch.Tensor):
@@ -439,26 +531,31 @@ FALLBACK_ROWS = 120
 """Rows per pass where the cache's size cannot be read (caches that are not viewable)."""
 
 
-def rows_per_pass(model: torch.nn.Module, prefix: Any) -> int:
+def rows_per_pass(model: torch.nn.Module, prefix: Any, *, shared: bool = False) -> int:
     """Rows that fit :data:`PASS_MEMORY_BYTES` in one fast pass over ``prefix``.
 
-    Each row holds, in every layer it runs, its own copy of the prompt's keys and values (the
-    attention concatenates the new token to the shared cache), and vocabulary-sized buffers: one
+    Each row holds, in every layer it runs, either its attention weights over the prompt
+    (``shared``: :func:`shared_prefix_attention`) or its own copy of the prompt's keys and values
+    (the attention concatenates the new token to the cache), and vocabulary-sized buffers: one
     float32 column of :class:`AnswerProbabilityHead`'s logits (plus the model-dtype product when
     that is not float32), or three float32 rows (logits, softmax, their gradient) where the model's
     own head runs. Short prompts fit every layer's rows in one pass, which keeps the matrix
-    products large; long prompts take several.
+    products large.
     """
     if not _viewable(prefix):
         return FALLBACK_ROWS
-    kv = sum(2 * c.keys[0].numel() * c.keys.element_size() for c in prefix.layers)
+    if shared:
+        heads = getattr(model.config, "num_attention_heads", 1)
+        attention = sum(2 * heads * (c.keys.shape[-2] + 1) * 4 for c in prefix.layers)  # scores, weights
+    else:
+        attention = sum(2 * c.keys[0].numel() * c.keys.element_size() for c in prefix.layers)
     weight = model.get_output_embeddings().weight
     vocab = weight.shape[0]
     if plain_output_head(model) is None:
         per_vocab = 3 * 4
     else:
         per_vocab = 4 + (weight.element_size() if weight.dtype != torch.float32 else 0)
-    return max(1, PASS_MEMORY_BYTES // (kv + per_vocab * vocab))
+    return max(1, PASS_MEMORY_BYTES // (attention + per_vocab * vocab))
 
 
 def fast_scores(
@@ -488,7 +585,8 @@ def fast_scores(
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     last = input_ids[:, -1:]  # (1, 1)
     head = plain_output_head(model)
-    per_pass = max(1, (internal_batch_size or rows_per_pass(model, prefix)) // n_steps)
+    shared = _shares_prefix(model, prefix)
+    per_pass = max(1, (internal_batch_size or rows_per_pass(model, prefix, shared=shared)) // n_steps)
     viewable = _viewable(prefix)
     scores = torch.zeros_like(target, dtype=torch.float32)
     for chunk in _chunks(layers, per_pass):
@@ -505,16 +603,27 @@ def fast_scores(
         patches = {
             layer: (slice(g * n_steps, (g + 1) * n_steps), points[g]) for g, layer in enumerate(chunk)
         }
-        cache = _cache_view(prefix, active)
-        limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows)
-        with _patched_last_position(projections, patches), limited:
-            if head is not None:  # the decoder, then P(answer) straight from its last hidden state
-                hidden = model.base_model(last.expand(rows, 1), past_key_values=cache, use_cache=True)
-                probs = AnswerProbabilityHead.apply(hidden.last_hidden_state[:, -1], head.weight, head.bias, token)
-            else:
-                logits = model(last.expand(rows, 1), past_key_values=cache, use_cache=True,
-                               **_last_logits_kwargs(model)).logits
-                probs = _answer_prob(logits, token)  # (rows,)
+
+        def answer_probs(shared: bool) -> torch.Tensor:  # (rows,) P(answer) of one pass
+            limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows)
+            attention = _shared_prefix_pass(model, prefix) if shared else nullcontext((_cache_view(prefix, active), []))
+            with _patched_last_position(projections, patches), limited, attention as (cache, ran):
+                if head is not None:  # the decoder, then P(answer) straight from its last hidden state
+                    hidden = model.base_model(last.expand(rows, 1), past_key_values=cache, use_cache=True)
+                    probs = AnswerProbabilityHead.apply(hidden.last_hidden_state[:, -1], head.weight, head.bias, token)
+                else:
+                    logits = model(last.expand(rows, 1), past_key_values=cache, use_cache=True,
+                                   **_last_logits_kwargs(model)).logits
+                    probs = _answer_prob(logits, token)
+            if shared and sorted(ran) != [k for k, n in enumerate(active) if n]:
+                # an attention that does not go through transformers' attention functions would
+                # have seen only the new token: redo the pass with copies of the prefix
+                log.warning("%s attention bypasses the shared-prefix attention; using per-row caches",
+                            model.config.model_type)
+                return answer_probs(False)
+            return probs
+
+        probs = answer_probs(shared)
         (grads,) = torch.autograd.grad(probs.sum(), points)  # (g, m, d_ff)
         scores[chunk] = deltas.float() * grads.float().mean(dim=1)  # float32 whatever the model dtype
     return scores

@@ -92,3 +92,37 @@ def test_heads_that_change_logits_are_not_plain(model_type, setting, tiny_tokeni
     fast = ig.attribute(conflicts[0], AttributionConfig(n_steps=3)).scores
     ref = ig.attribute(conflicts[0], AttributionConfig(n_steps=3, method="reference")).scores
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_fast_passes_share_the_prefix(family, tiny_model_dirs, conflicts, caplog, monkeypatch):
+    """Every family runs the fast passes through shared_prefix_attention: its attention goes
+    through transformers' attention functions, and no row gets its own copy of the prompt's cache."""
+    import ircan_serve.attribution as attribution
+
+    layers = []
+    real = attribution.shared_prefix_attention
+    monkeypatch.setattr(attribution, "shared_prefix_attention",
+                        lambda module, *a, **k: (layers.append(module.layer_idx), real(module, *a, **k))[1])
+    monkeypatch.setattr(attribution, "_cache_view", lambda *_a, **_k: pytest.fail("per-row copies of the cache"))
+    lm = load_model(str(tiny_model_dirs[family]))
+    ContextAwareIntegratedGradients(lm.model, lm.tokenizer).attribute(conflicts[0], AttributionConfig(n_steps=3))
+    assert layers == [0, 1]  # one pass, both layers
+    assert "bypasses" not in caplog.text
+    assert lm.model.config._attn_implementation != attribution.SHARED_PREFIX_ATTENTION  # restored
+
+
+def test_attention_that_bypasses_the_shared_prefix_is_redone_with_copies(tiny_model_dirs, conflicts, caplog,
+                                                                        monkeypatch):
+    """An attention that never calls the registered function would have attended to the new
+    token alone: the pass is redone with per-row caches and the scores stay the reference's."""
+    import ircan_serve.attribution as attribution
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    monkeypatch.setattr(attribution, "shared_prefix_attention", sdpa_attention_forward)  # records nothing
+    lm = load_model(str(tiny_model_dirs["llama"]))
+    ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
+    fast = ig.attribute(conflicts[0], AttributionConfig(n_steps=3)).scores
+    assert "bypasses the shared-prefix attention" in caplog.text
+    ref = ig.attribute(conflicts[0], AttributionConfig(n_steps=3, method="reference")).scores
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -223,7 +223,8 @@ def test_default_pass_size_fits_the_memory_budget(tiny_llama, conflicts, monkeyp
     assert passes.count(True) == 1  # all layers x 4 steps in one pass
 
     prefix = model.base_model(torch.tensor([tok(conflicts[0].prompt)["input_ids"][:-1]]), use_cache=True).past_key_values
-    per_row = attribution.PASS_MEMORY_BYTES // attribution.rows_per_pass(model, prefix)
+    assert attribution._shares_prefix(model, prefix)
+    per_row = attribution.PASS_MEMORY_BYTES // attribution.rows_per_pass(model, prefix, shared=True)
     monkeypatch.setattr(attribution, "PASS_MEMORY_BYTES", per_row * 5)  # 5 rows: one layer of 4 steps
     passes.clear()
     split = ig.attribute(conflicts[0], config).scores
