@@ -112,24 +112,32 @@ def _ids(tokenizer: Any, text: str, device: torch.device) -> torch.Tensor:
 
 @contextmanager
 def _patched_last_position(
-    projections: Sequence[torch.nn.Module], patches: dict[int, tuple[slice, torch.Tensor]]
+    projections: Sequence[torch.nn.Module], patches: dict[int, tuple[slice, torch.Tensor]],
+    probes: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """Replace, for ``rows``, the last-position input of layer ``l``'s projection by ``values``.
 
-    ``patches`` maps layer -> (rows, values) with values of shape (len(rows), d_ff).
+    ``patches`` maps layer -> (rows, values) with values of shape (len(rows), d_ff). ``probes``
+    maps layer -> a (d_ff,) zero tensor added to row 0's last-position input there: it changes
+    nothing, and its gradient is the derivative with respect to that input, through every path.
     """
 
-    def make_hook(rows: slice, values: torch.Tensor) -> Callable[..., tuple[Any, ...]]:
+    def make_hook(rows: slice | None, values: torch.Tensor | None, probe: torch.Tensor | None
+                  ) -> Callable[..., tuple[Any, ...]]:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0].clone()  # (B, T, d_ff)
-            x[rows, -1, :] = values.to(device=x.device, dtype=x.dtype)  # float32 points, into the model's dtype
+            if values is not None:
+                x[rows, -1, :] = values.to(device=x.device, dtype=x.dtype)  # float32 points, into the model's dtype
+            if probe is not None:
+                x[0, -1, :] = x[0, -1, :] + probe.to(device=x.device, dtype=x.dtype)
             return (x, *args[1:])
 
         return hook
 
+    probes = probes or {}
     handles = [
-        projections[layer].register_forward_pre_hook(make_hook(rows, values))
-        for layer, (rows, values) in patches.items()
+        projections[layer].register_forward_pre_hook(make_hook(*patches.get(layer, (None, None)), probes.get(layer)))
+        for layer in sorted(set(patches) | set(probes))
     ]
     try:
         yield
@@ -573,16 +581,20 @@ def fast_scores(
     """The same scores as :func:`reference_scores`, from ``prefix``, the KV cache of all tokens
     but the last (it is read, never modified).
 
-    Each pass recomputes only the last token, for ``layers_per_pass * m`` rows, where rows
-    ``[g*m, (g+1)*m)`` patch layer ``chunk[g]``. Rows are independent, so one backward pass yields
-    every layer's gradients. With ``layer_outputs`` (each decoder layer's last-position output in
-    the plain pass), layer ``k`` computes only the rows that patch a layer ``<= k``: a row's work
-    starts at its own layer, whatever the pass size. ``internal_batch_size`` bounds the rows of a
-    pass (default: :func:`rows_per_pass`).
+    Each pass recomputes only the last token, for the layers of one chunk. The last Riemann point,
+    alpha = 1, patches every layer with the value it has anyway, so one unpatched row (row 0)
+    stands for it in every chunk layer: its gradient at each is read through a zero probe. Rows
+    ``1 + [g*(m-1), (g+1)*(m-1))`` patch layer ``chunk[g]`` with the other m - 1 points. Rows are
+    independent, so one backward pass yields every layer's gradients. With ``layer_outputs``
+    (each decoder layer's last-position output in the plain pass), layer ``k`` computes only row 0
+    and the rows that patch a layer ``<= k``, and no row below the chunk's lowest layer: a row's
+    work starts at its own layer, whatever the pass size. ``internal_batch_size`` bounds the rows
+    of a pass (default: :func:`rows_per_pass`).
     """
     projections = ffn_out_projections(model)
     blocks = decoder_layers(model)
-    alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
+    alphas = riemann_alphas(n_steps, input_ids.device)[:-1]  # (m - 1,): alpha = 1 is row 0
+    steps = n_steps - 1
     last = input_ids[:, -1:]  # (1, 1)
     head = plain_output_head(model)
     shared = _shares_prefix(model, prefix)
@@ -590,24 +602,24 @@ def fast_scores(
     viewable = _viewable(prefix)
     scores = torch.zeros_like(target, dtype=torch.float32)
     for chunk in _chunks(layers, per_pass):
-        rows = len(chunk) * n_steps
-        # rows [g*m, (g+1)*m) patch chunk[g]; at layer k only the rows of chunk layers <= k differ
-        # from the plain pass, so only they are computed (all rows, without recorded outputs)
-        active = ([n_steps * sum(1 for c in chunk if c <= k) for k in range(len(blocks))]
+        rows = 1 + len(chunk) * steps
+        # at layer k only row 0 and the rows of chunk layers <= k can differ from the plain pass,
+        # so only they are computed (all rows, without recorded outputs)
+        active = ([1 + steps * sum(1 for c in chunk if c <= k) if k >= chunk[0] else 0 for k in range(len(blocks))]
                   if layer_outputs is not None else [rows] * len(blocks))
         if not viewable:  # a copied cache holds every row in every layer it runs
             active = [rows if n else 0 for n in active]
         deltas = target[chunk] - baseline[chunk]  # (g, d_ff)
         points = (baseline[chunk][:, None, :] + alphas[None, :, None] * deltas[:, None, :])
-        points = points.requires_grad_()  # (g, m, d_ff)
-        patches = {
-            layer: (slice(g * n_steps, (g + 1) * n_steps), points[g]) for g, layer in enumerate(chunk)
-        }
+        points = points.requires_grad_()  # (g, m - 1, d_ff)
+        probes = torch.zeros_like(deltas, dtype=torch.float32).requires_grad_()  # (g, d_ff)
+        patches = {layer: (slice(1 + g * steps, 1 + (g + 1) * steps), points[g]) for g, layer in enumerate(chunk)}
 
         def answer_probs(shared: bool) -> torch.Tensor:  # (rows,) P(answer) of one pass
             limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows)
             attention = _shared_prefix_pass(model, prefix) if shared else nullcontext((_cache_view(prefix, active), []))
-            with _patched_last_position(projections, patches), limited, attention as (cache, ran):
+            with _patched_last_position(projections, patches, dict(zip(chunk, probes))), limited, \
+                    attention as (cache, ran):
                 if head is not None:  # the decoder, then P(answer) straight from its last hidden state
                     hidden = model.base_model(last.expand(rows, 1), past_key_values=cache, use_cache=True)
                     probs = AnswerProbabilityHead.apply(hidden.last_hidden_state[:, -1], head.weight, head.bias, token)
@@ -624,8 +636,9 @@ def fast_scores(
             return probs
 
         probs = answer_probs(shared)
-        (grads,) = torch.autograd.grad(probs.sum(), points)  # (g, m, d_ff)
-        scores[chunk] = deltas.float() * grads.float().mean(dim=1)  # float32 whatever the model dtype
+        on_points, at_target = torch.autograd.grad(probs.sum(), (points, probes), allow_unused=True)
+        total = at_target.float() + (on_points.float().sum(dim=1) if on_points is not None else 0)  # (g, d_ff)
+        scores[chunk] = deltas.float() * total / n_steps  # float32 whatever the model dtype
     return scores
 
 

@@ -107,6 +107,9 @@ def test_scores_are_delta_times_mean_gradient_for_one_step(tiny_llama, conflicts
     (g,) = torch.autograd.grad(p, x)
     torch.testing.assert_close(result.scores[1], (a - a0) * g, rtol=1e-5, atol=1e-9)
     assert result.scores[0].abs().sum() == 0  # unscored layer
+    # the fast path's m = 1 is its unpatched row alone, read through the probe
+    fast = ig.attribute(ex, AttributionConfig(n_steps=1, layers=[1])).scores[1]
+    torch.testing.assert_close(fast, (a - a0) * g, rtol=1e-5, atol=1e-5 * fast.abs().max().item())
     # the effect (what the signed rule reads) is a * gradient; with m = 1 the gradient is taken at a
     moved = (a - a0) != 0
     torch.testing.assert_close(result.effect()[1][moved], (a * g)[moved], rtol=1e-4, atol=1e-9)
@@ -377,8 +380,9 @@ def test_prefix_cache_is_left_unchanged(tiny_tokenizer, conflicts):
 
 
 def test_each_layer_computes_only_the_rows_that_patch_it_or_a_lower_layer(tiny_tokenizer, conflicts):
-    """One pass for layers 0 and 2 of 4 (m = 3, 6 rows): layer 0 and 1 compute the 3 rows that
-    patch layer 0, layers 2 and 3 all 6; the other rows carry the recorded hidden states."""
+    """One pass for layers 0 and 2 of 4 (m = 3: row 0, unpatched, is alpha = 1 for both layers,
+    then 2 rows per layer): layers 0 and 1 compute row 0 and the 2 rows that patch layer 0,
+    layers 2 and 3 all 5; the other rows carry the recorded hidden states."""
     model = _four_layer_llama(tiny_tokenizer)
     seen: list[list[int]] = [[] for _ in range(4)]
     for i, layer in enumerate(model.model.layers):
@@ -386,7 +390,7 @@ def test_each_layer_computes_only_the_rows_that_patch_it_or_a_lower_layer(tiny_t
     ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
     ex = conflicts[1]
     fast = ig.attribute(ex, AttributionConfig(n_steps=3, internal_batch_size=6, layers=[0, 2])).scores
-    assert [rows[-1] for rows in seen] == [3, 3, 6, 6]
+    assert [rows[-1] for rows in seen] == [3, 3, 5, 5]
     ref = ig.attribute(ex, AttributionConfig(n_steps=3, method="reference", layers=[0, 2])).scores
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
