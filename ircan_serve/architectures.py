@@ -28,6 +28,11 @@ class FFNLayout:
     """Dotted path, inside one decoder layer, of the FFN output projection."""
     neuron_axis: int
     """Axis of that projection's weight that indexes FFN neurons (1 for Linear, 0 for Conv1D)."""
+    adds_to_residual: bool = True
+    """The projection's output joins the residual stream as it is (no norm or scale after it),
+    so changing its input changes the layer's output by ``proj(new) - proj(old)``: the fast path
+    then skips the rest of the patched layer. False for post-FFN norms (Gemma 2/3, OLMo 2) and
+    Granite's residual multiplier."""
 
     def weight_name(self, layer: int) -> str:
         """State-dict / safetensors name of the projection weight of ``layer``."""
@@ -43,6 +48,7 @@ class FFNLayout:
 
 
 _LLAMA_LIKE = FFNLayout("model.layers", "mlp.down_proj", 1)
+_POST_NORMED = FFNLayout("model.layers", "mlp.down_proj", 1, adds_to_residual=False)
 
 ARCHITECTURES: dict[str, FFNLayout] = {
     "llama": _LLAMA_LIKE,  # Llama 2/3, SmolLM/SmolLM2
@@ -50,12 +56,12 @@ ARCHITECTURES: dict[str, FFNLayout] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _POST_NORMED,
+    "gemma3_text": _POST_NORMED,
     "phi3": _LLAMA_LIKE,
     "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "granite": _LLAMA_LIKE,
+    "olmo2": _POST_NORMED,
+    "granite": _POST_NORMED,  # the FFN output is scaled by residual_multiplier
     "gpt2": FFNLayout("transformer.h", "mlp.c_proj", 0),
     "gpt_neox": FFNLayout("gpt_neox.layers", "mlp.dense_4h_to_h", 1),
     "gptj": FFNLayout("transformer.h", "mlp.fc_out", 1),

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .architectures import decoder_layers, ffn_out_projections
+from .architectures import decoder_layers, ffn_out_projections, layout_for
 from .config import AttributionConfig
 from .data import ConflictExample
 from .errors import IrcanError
@@ -360,30 +360,37 @@ def _hidden(output: Any) -> torch.Tensor:
 
 @contextmanager
 def _active_rows_only(layers: Sequence[torch.nn.Module], outputs: Sequence[Any], active: Sequence[int],
-                      rows: int) -> Iterator[None]:
+                      rows: int, own: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Make layer ``k`` compute only its first ``active[k]`` rows; the other rows take the
-    layer's recorded last-position output.
+    layer's recorded last-position output, plus ``own[k]`` for the rows right after the computed
+    ones, if given.
 
     Rows are ordered by the layer they patch, so at layer ``k`` the rows that patch a layer above
     ``k`` come last, and for them nothing has changed yet: their hidden state is the plain
-    pass's. A layer with no active row is not run at all.
+    pass's. ``own[k]`` ((n, H)) is how much the rows that patch layer ``k`` change its output,
+    where that is known without running the layer. A layer with no row to compute is not run.
     """
+    own = own or {}
     saved: list[tuple[torch.nn.Module, Any]] = []
     try:
-        for layer, out, n in zip(layers, outputs, active):
+        for k, (layer, out, n) in enumerate(zip(layers, outputs, active)):
             if n >= rows:
                 continue
             saved.append((layer, layer.__dict__.get("forward")))  # an accelerate hook may live there
             original = layer.forward
 
-            def limited(*args: Any, _out: Any = out, _n: int = n, _run: Any = original, **kwargs: Any) -> Any:
+            def limited(*args: Any, _out: Any = out, _n: int = n, _run: Any = original,
+                        _own: torch.Tensor | None = own.get(k), **kwargs: Any) -> Any:
+                recorded = _hidden(_out)  # (1, 1, H)
+                parts = [recorded.expand(rows - _n, *recorded.shape[1:])]
+                if _own is not None:
+                    changed = recorded.to(_own.dtype) + _own[:, None, :]  # (n_own, 1, H)
+                    parts = [changed, recorded.expand(rows - _n - len(_own), *recorded.shape[1:])]
                 if _n == 0:
-                    return _map_hidden(_out, lambda h: h.expand(rows, *h.shape[1:]))
+                    return _map_hidden(_out, lambda _h: torch.cat(parts, dim=0) if _own is not None else parts[0])
                 result = _run(*(_first_rows(a, rows, _n) for a in args),
-                              **{k: _first_rows(v, rows, _n) for k, v in kwargs.items()})
-                rest = _hidden(_out)
-                return _map_hidden(result, lambda h: torch.cat(
-                    [h, rest.to(h.dtype).expand(rows - _n, *h.shape[1:])], dim=0))
+                              **{key: _first_rows(v, rows, _n) for key, v in kwargs.items()})
+                return _map_hidden(result, lambda h: torch.cat([h, *(p.to(h.dtype) for p in parts)], dim=0))
 
             layer.forward = limited  # type: ignore[method-assign]
         yield
@@ -600,12 +607,17 @@ def fast_scores(
     shared = _shares_prefix(model, prefix)
     per_pass = max(1, (internal_batch_size or rows_per_pass(model, prefix, shared=shared)) // n_steps)
     viewable = _viewable(prefix)
+    # where the FFN output joins the residual as it is, the rows that patch layer k need none of
+    # layer k but its output projection: they skip the layer (a copied cache needs every row)
+    skip_own = layer_outputs is not None and viewable and layout_for(model.config.model_type).adds_to_residual
     scores = torch.zeros_like(target, dtype=torch.float32)
     for chunk in _chunks(layers, per_pass):
         rows = 1 + len(chunk) * steps
-        # at layer k only row 0 and the rows of chunk layers <= k can differ from the plain pass,
-        # so only they are computed (all rows, without recorded outputs)
-        active = ([1 + steps * sum(1 for c in chunk if c <= k) if k >= chunk[0] else 0 for k in range(len(blocks))]
+        # at layer k only row 0 and the rows of chunk layers <= k (< k when skipping their own
+        # layer) can differ from the plain pass, so only they are computed (all rows, without
+        # recorded outputs)
+        below = (lambda k: sum(1 for c in chunk if c < k)) if skip_own else (lambda k: sum(1 for c in chunk if c <= k))
+        active = ([1 + steps * below(k) if k >= chunk[0] else 0 for k in range(len(blocks))]
                   if layer_outputs is not None else [rows] * len(blocks))
         if not viewable:  # a copied cache holds every row in every layer it runs
             active = [rows if n else 0 for n in active]
@@ -614,9 +626,15 @@ def fast_scores(
         points = points.requires_grad_()  # (g, m - 1, d_ff)
         probes = torch.zeros_like(deltas, dtype=torch.float32).requires_grad_()  # (g, d_ff)
         patches = {layer: (slice(1 + g * steps, 1 + (g + 1) * steps), points[g]) for g, layer in enumerate(chunk)}
+        own = {}
+        if skip_own:  # each patching row's change of its layer's output: proj(point) - proj(a)
+            dtype = projections[chunk[0]].weight.dtype
+            own = {layer: projections[layer](points[g].to(dtype)) - projections[layer](target[layer][None].to(dtype))
+                   for g, layer in enumerate(chunk)}
+            patches = {}
 
         def answer_probs(shared: bool) -> torch.Tensor:  # (rows,) P(answer) of one pass
-            limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows)
+            limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows, own)
             attention = _shared_prefix_pass(model, prefix) if shared else nullcontext((_cache_view(prefix, active), []))
             with _patched_last_position(projections, patches, dict(zip(chunk, probes))), limited, \
                     attention as (cache, ran):

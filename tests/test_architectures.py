@@ -126,3 +126,53 @@ def test_attention_that_bypasses_the_shared_prefix_is_redone_with_copies(tiny_mo
     assert "bypasses the shared-prefix attention" in caplog.text
     ref = ig.attribute(conflicts[0], AttributionConfig(n_steps=3, method="reference")).scores
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_adds_to_residual_says_how_a_patch_changes_the_layer_output(model_type):
+    """The table's ``adds_to_residual`` is true exactly where patching the projection's input
+    changes the layer's output by proj(new) - proj(old), as the fast path then assumes."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from ircan_serve.architectures import decoder_layers
+
+    cfg = tiny_config(model_type, 600)
+    if model_type == "granite":
+        cfg.residual_multiplier = 0.5  # real Granite checkpoints scale the residual branches
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3)  # large enough for the post-FFN norms to show
+    proj, layer = ffn_out_projections(model)[1], decoder_layers(model)[1]
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    seen = {}
+
+    def run(new=None):
+        def patch(_m, args):
+            seen["old"] = args[0][:, -1].clone()
+            if new is None:
+                return None
+            x = args[0].clone()
+            x[:, -1] = new
+            return (x,)
+
+        hooks = [proj.register_forward_pre_hook(patch),
+                 layer.register_forward_hook(lambda _m, _a, out: seen.__setitem__(
+                     "out", (out[0] if isinstance(out, tuple) else out)[:, -1]))]
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        return seen["out"], seen["old"]
+
+    plain, old = run()
+    torch.manual_seed(1)
+    new = old + torch.randn_like(old)
+    patched, _ = run(new)
+    with torch.no_grad():
+        predicted = plain + proj(new) - proj(old)
+    linear = torch.allclose(patched, predicted, rtol=1e-4, atol=1e-4 * (patched - plain).abs().max().item())
+    assert linear == layout_for(model_type).adds_to_residual

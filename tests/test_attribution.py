@@ -381,8 +381,9 @@ def test_prefix_cache_is_left_unchanged(tiny_tokenizer, conflicts):
 
 def test_each_layer_computes_only_the_rows_that_patch_it_or_a_lower_layer(tiny_tokenizer, conflicts):
     """One pass for layers 0 and 2 of 4 (m = 3: row 0, unpatched, is alpha = 1 for both layers,
-    then 2 rows per layer): layers 0 and 1 compute row 0 and the 2 rows that patch layer 0,
-    layers 2 and 3 all 5; the other rows carry the recorded hidden states."""
+    then 2 rows per layer). A patching row needs only the output projection of its own layer, so
+    layer 0 computes row 0, layers 1 and 2 also the 2 rows that patch layer 0, layer 3 all 5; the
+    other rows carry the recorded hidden states (plus the projection's change at their layer)."""
     model = _four_layer_llama(tiny_tokenizer)
     seen: list[list[int]] = [[] for _ in range(4)]
     for i, layer in enumerate(model.model.layers):
@@ -390,7 +391,7 @@ def test_each_layer_computes_only_the_rows_that_patch_it_or_a_lower_layer(tiny_t
     ig = ContextAwareIntegratedGradients(model, tiny_tokenizer)
     ex = conflicts[1]
     fast = ig.attribute(ex, AttributionConfig(n_steps=3, internal_batch_size=6, layers=[0, 2])).scores
-    assert [rows[-1] for rows in seen] == [3, 3, 5, 5]
+    assert [rows[-1] for rows in seen] == [1, 3, 3, 5]
     ref = ig.attribute(ex, AttributionConfig(n_steps=3, method="reference", layers=[0, 2])).scores
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
