@@ -456,17 +456,20 @@ class AnswerProbabilityHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 token: int) -> torch.Tensor:
-        probs = torch.mm(weight, hidden.t())  # (V, B)
+        rows = hidden.shape[0]
+        if rows % 16:  # BLAS writes (V, B) much slower when B is not a multiple of 8 (0.7x at 571 rows)
+            hidden = torch.cat([hidden, hidden.new_zeros(-rows % 16, hidden.shape[1])])
+        probs = torch.mm(weight, hidden.t())  # (V, B), padded
         if bias is not None:
             probs += bias[:, None]
         probs = probs.to(torch.promote_types(probs.dtype, torch.float32))  # bfloat16 logits get a float32 copy
         _softmax_(probs.sub_(probs.amax(dim=0)), dim=0)  # over the vocabulary, in place
-        prob = probs[token].clone()  # (B,)
+        prob = probs[token, :rows].clone()  # (B,)
         if ctx.needs_input_grad[0]:
             # sum_v (p_v - [v = token]) w_v, with the 1 taken off p_token before the product:
             # w_token - sum_v p_v w_v would cancel two nearly equal vectors when P is near 1
             probs[token] -= 1
-            mixed = torch.mm(probs.t().to(weight.dtype), weight).to(probs.dtype)  # (B, H)
+            mixed = torch.mm(probs.t()[:rows].to(weight.dtype), weight).to(probs.dtype)  # (B, H)
             ctx.save_for_backward(prob[:, None] * -mixed)
             ctx.hidden_dtype = hidden.dtype
         return prob
