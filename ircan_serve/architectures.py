@@ -4,7 +4,8 @@ IRCAN's neurons are the inputs of each decoder layer's FFN output projection (Ll
 ``mlp.down_proj``). This table is the only place in the project that knows, per
 ``config.model_type``, where the decoder layers live, what the projection is called and along
 which weight axis its input neurons run (``nn.Linear`` stores ``(out, in)``, so neurons are
-columns; GPT-2's ``Conv1D`` stores ``(in, out)``, so neurons are rows).
+columns; GPT-2's ``Conv1D`` stores ``(in, out)``, so neurons are rows), and whether the
+projection's output joins the residual stream as it is (the fast attribution path relies on it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ Two implementations compute the same numbers:
   attention), so the prefix's KV cache is computed once and only the last token is recomputed,
   with the m steps of several layers stacked into one batch and one backward pass. Patching
   layer ``l`` cannot change layers below ``l`` either, so those layers are not run: they return
-  the hidden state recorded in one plain pass, and the recomputation starts at layer ``l``.
+  the hidden state recorded in one plain pass, and the recomputation starts at layer ``l`` (at
+  its output projection, where the FFN output joins the residual as it is). The last Riemann
+  point changes nothing, so one unpatched row stands for it in every layer. All rows share the
+  prompt's cache through :func:`shared_prefix_attention`, and P(answer) comes from the last
+  hidden state through :class:`AnswerProbabilityHead`, whose gradient is known in the forward.
 """
 
 from __future__ import annotations
@@ -525,11 +529,18 @@ def reference_scores(
     alphas = riemann_alphas(n_steps, input_ids.device)  # (m,)
     scores = torch.zeros_like(target, dtype=torch.float32)
     batch = input_ids.expand(n_steps, -1)  # (m, T)
+    head = plain_output_head(model)
     for layer in layers:
         delta = target[layer] - baseline[layer]  # (d_ff,)
         points = (baseline[layer] + alphas[:, None] * delta).requires_grad_()  # (m, d_ff)
         with _patched_last_position(projections, {layer: (slice(None), points)}):
-            logits = model(batch, use_cache=False, **_last_logits_kwargs(model)).logits
+            if head is not None:
+                # the head on the (m, H) last hidden states: the model's own call on an (m, 1, H)
+                # slice has a backward 10x less precise on CPU (2e-4 of the largest score on SmolLM2)
+                hidden = model.base_model(batch, use_cache=False).last_hidden_state[:, -1]
+                logits = head(hidden)[:, None, :]  # (m, 1, V)
+            else:
+                logits = model(batch, use_cache=False, **_last_logits_kwargs(model)).logits
         probs = _answer_prob(logits, token)  # (m,)
         (grads,) = torch.autograd.grad(probs.sum(), points)  # (m, d_ff)
         scores[layer] = delta.float() * grads.float().mean(dim=0)  # float32 whatever the model dtype
