@@ -68,12 +68,12 @@ def prompt_of_length(tokenizer: Any, n_tokens: int) -> ConflictExample:
 
 
 ATTRIBUTION_METHODS = ("fast", "full-stack", "reference")
+"""``fast``: the product's path; ``full-stack``: the same cached path running every layer in
+each pass (ircan-serve 0.1's fast path); ``reference``: one layer at a time, full sequence."""
 
 SPEED_GOAL = 1.7
 """The fast path's goal against ircan-serve 0.1's fast path (``--baseline``, a checkout of it;
 without one the full-stack path stands in); the bench says what speed it needs."""
-"""``fast``: the product's path; ``full-stack``: the same cached path running every layer in
-each pass (ircan-serve 0.1's fast path); ``reference``: one layer at a time, full sequence."""
 
 
 @dataclass
@@ -184,7 +184,7 @@ def _file_and_rows(source: str) -> tuple[str, int]:
 
 
 def _attribution_worker(model_spec: str, source: str, method: str, layers: list[int] | None,
-                        n_steps: int) -> tuple[float, float, float, list[Any], float | None]:
+                        n_steps: int, count_flops: bool = True) -> tuple[float, float, float, list[Any], float | None]:
     """In a fresh process: load, warm up with the timed shapes, then time each example.
 
     Returns mean prompt tokens, seconds per example, peak MiB, the scores and (fast paths only)
@@ -211,7 +211,7 @@ def _attribution_worker(model_spec: str, source: str, method: str, layers: list[
         seconds = (time.perf_counter() - t0) / len(examples)
     n_tok = sum(len(lm.tokenizer(e.prompt)["input_ids"]) for e in examples) / len(examples)
     flops = None
-    if method != "reference":  # counted after timing: the counter slows every operation down
+    if method != "reference" and count_flops:  # counted after timing: the counter slows every operation down
         with FlopCounterMode(display=False) as counter:
             ig.attribute(examples[0], config)
         flops = float(counter.get_total_flops())
@@ -274,6 +274,25 @@ def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
                 flops={m: o[4] for m, o in out.items() if o[4] is not None},
             ))
     return rows
+
+
+def bench_pairs(model_spec: str, source: str, baseline: str, pairs: int, n_steps: int) -> list[tuple[float, float]]:
+    """``pairs`` interleaved runs on the data rows ``source``: the fast path of the ``baseline``
+    checkout, then this one's, each in a fresh process (all layers; seconds per example after a
+    warm-up). Returns (baseline s, fast s) per pair. On a shared machine whose speed drifts
+    between runs, the median of the per-pair ratios is steadier than one run of each."""
+    from transformers import AutoConfig
+    from tqdm.auto import tqdm
+
+    from .models import resolve_model
+
+    layers = list(range(AutoConfig.from_pretrained(resolve_model(model_spec)).num_hidden_layers))
+    out = []
+    for _ in tqdm(range(pairs), desc="interleaved pairs", unit="pair"):
+        old = _baseline_worker(baseline, model_spec, source, layers, n_steps)[1]
+        new = _in_fresh_process(_attribution_worker, model_spec, source, "fast", layers, n_steps, False)[1]
+        out.append((old, new))
+    return out
 
 
 def bench_ray(model_spec: str, rows: int, workers: int, n_steps: int) -> dict[str, Any]:
@@ -348,6 +367,13 @@ def run(ns: argparse.Namespace) -> None:
         print_serve(bench_serve(ns.checkpoint, ns.base, ns.concurrency, ns.max_tokens), ns.concurrency)
         return
     if ns.bench == "attribution":
+        from .errors import IrcanError
+
+        if ns.pairs < 0:
+            raise IrcanError(f"--pairs {ns.pairs}: give a number of pairs, 1 or more")
+        if ns.pairs and not (ns.baseline and ns.data):
+            raise IrcanError("--pairs times a baseline checkout against this one on data rows: "
+                             "give --baseline DIR and --data FILE[:K] too")
         sources = [f"len:{n}" for n in ns.lengths] + list(ns.data)
         rows = bench_attribution(ns.model, sources, ns.n_steps, ns.reference_layers, ns.baseline)
         table = Table(title=f"attribution, {ns.model}, m = {ns.n_steps}, one run; seconds per example, "
@@ -379,6 +405,17 @@ def run(ns: argparse.Namespace) -> None:
         console.print(table)
         peak = _in_fresh_process(matmul_peak_gflops)
         console.print(f"this machine's float32 matrix product (2048 x 2048 x 2048, best of 8): {peak:.0f} GFLOP/s")
+        if ns.pairs and ns.baseline:
+            import statistics
+
+            for source in ns.data:
+                timed = bench_pairs(ns.model, source, ns.baseline, ns.pairs, ns.n_steps)
+                ratios = [old / new for old, new in timed]
+                console.print(
+                    f"{source}: {len(timed)} interleaved pairs (baseline, then fast; fresh processes), seconds per "
+                    f"example: baseline {' '.join(f'{o:.2f}' for o, _ in timed)}, fast "
+                    f"{' '.join(f'{n:.2f}' for _, n in timed)}; fast vs baseline per pair: median "
+                    f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
         for r in rows:
             against = "baseline" if "baseline" in r.seconds else "full-stack"
             need = r.flops["fast"] / (r.seconds[against] / SPEED_GOAL) / 1e9

@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baseline", metavar="DIR",
                    help="also time the fast path of another checkout (its root, e.g. a `git worktree` of "
                         "an earlier commit) on the --data rows")
+    b.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="with --baseline: then N interleaved pairs of fresh processes (baseline, fast) on each "
+                        "--data source, and the median of their ratios")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("eval", help="CAD with KV caches vs naive CAD; time of the paper's h x beta grid")
     b.add_argument("--model", default="smollm2")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ircan_serve.bench import bench_attribution, matmul_peak_gflops
+from ircan_serve.bench import bench_attribution, bench_pairs, matmul_peak_gflops
 from ircan_serve.errors import IrcanError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,3 +33,21 @@ def test_baseline_must_be_a_checkout(tmp_path, tiny_llama_dir):
 
 def test_matmul_peak_is_a_speed():
     assert matmul_peak_gflops(size=256, repeats=2) > 0
+
+
+def test_interleaved_pairs_time_the_baseline_then_the_fast_path(tiny_llama_dir):
+    timed = bench_pairs(str(tiny_llama_dir), "conflicts:1", baseline=str(REPO), pairs=2, n_steps=2)
+    assert len(timed) == 2
+    assert all(old > 0 and new > 0 for old, new in timed)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--pairs", "2", "--data", "conflicts:1"], "give --baseline DIR and --data"),
+    (["--pairs", "2", "--baseline", str(REPO)], "give --baseline DIR and --data"),
+    (["--pairs", "-1"], "give a number of pairs"),
+])
+def test_pairs_need_a_baseline_and_data_rows(flags, message, capsys):
+    from ircan_serve.cli import main
+
+    assert main(["bench", "attribution", "--lengths", *flags]) == 2
+    assert message in capsys.readouterr().err
