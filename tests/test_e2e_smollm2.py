@@ -38,8 +38,9 @@ def test_fast_matches_reference_on_smollm2(smollm2, conflicts):
 @pytest.mark.parametrize("index", [12, 0])
 def test_fast_matches_reference_in_float32_on_smollm2(smollm2, conflicts, index):
     """In float32 too, within 1e-5 of the largest score: both read P(answer) from 2-D hidden
-    states with the accurate exp (torch.softmax's faster exp, or the head called on the model's
-    (m, 1, H) slice, moved the reference by up to 2e-4)."""
+    states with the accurate exp (the head called on the model's (m, 1, H) slice moved the
+    reference by up to 2e-4 of the largest score; torch.softmax's faster exp moves P near 1 by
+    1e-5)."""
     ig = ContextAwareIntegratedGradients(smollm2.model, smollm2.tokenizer)
     config = dict(layers=[0, 14, 22, 29])
     fast = ig.attribute(conflicts[index], AttributionConfig(method="fast", **config))
