@@ -608,9 +608,11 @@ def fast_scores(
     ``1 + [g*(m-1), (g+1)*(m-1))`` patch layer ``chunk[g]`` with the other m - 1 points. Rows are
     independent, so one backward pass yields every layer's gradients. With ``layer_outputs``
     (each decoder layer's last-position output in the plain pass), layer ``k`` computes only row 0
-    and the rows that patch a layer ``<= k``, and no row below the chunk's lowest layer: a row's
-    work starts at its own layer, whatever the pass size. ``internal_batch_size`` bounds the rows
-    of a pass (default: :func:`rows_per_pass`).
+    and the rows that patch a layer ``< k``, and no row below the chunk's lowest layer; the rows
+    that patch layer ``k`` get its recorded output plus their output projection's change (or, where
+    the FFN output does not join the residual as it is, run layer ``k`` too): a row's work starts
+    at its own layer, whatever the pass size. ``internal_batch_size`` bounds the rows of a pass
+    (default: :func:`rows_per_pass`).
     """
     projections = ffn_out_projections(model)
     blocks = decoder_layers(model)
@@ -625,6 +627,7 @@ def fast_scores(
     # layer k but its output projection: they skip the layer (a copied cache needs every row)
     skip_own = layer_outputs is not None and viewable and layout_for(model.config.model_type).adds_to_residual
     scores = torch.zeros_like(target, dtype=torch.float32)
+    bypassed: list[bool] = []  # set once the shared-prefix attention was found bypassed
     for chunk in _chunks(layers, per_pass):
         rows = 1 + len(chunk) * steps
         # at layer k only row 0 and the rows of chunk layers <= k (< k when skipping their own
@@ -661,13 +664,14 @@ def fast_scores(
                     probs = _answer_prob(logits, token)
             if shared and sorted(ran) != [k for k, n in enumerate(active) if n]:
                 # an attention that does not go through transformers' attention functions would
-                # have seen only the new token: redo the pass with copies of the prefix
+                # have seen only the new token: redo the pass, and the next ones, with copies of the prefix
                 log.warning("%s attention bypasses the shared-prefix attention; using per-row caches",
                             model.config.model_type)
+                bypassed.append(True)
                 return answer_probs(False)
             return probs
 
-        probs = answer_probs(shared)
+        probs = answer_probs(shared and not bypassed)
         on_points, at_target = torch.autograd.grad(probs.sum(), (points, probes), allow_unused=True)
         total = at_target.float() + (on_points.float().sum(dim=1) if on_points is not None else 0)  # (g, d_ff)
         scores[chunk] = deltas.float() * total / n_steps  # float32 whatever the model dtype
