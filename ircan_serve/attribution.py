@@ -294,7 +294,8 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     weights = (scores - scores.amax(dim=-1, keepdim=True).detach()).exp()
     weights = (weights / weights.sum(dim=-1, keepdim=True)).to(query.dtype)  # (Hkv, B*group, P + 1)
     own_values = value.transpose(0, 1).expand(kv_heads, rows, group, dim).reshape(kv_heads, rows * group, dim)
-    out = torch.bmm(weights[..., :-1], cached.values[0]) + weights[..., -1:] * own_values
+    on_prefix_w, on_own_w = weights.split([weights.shape[-1] - 1, 1], dim=-1)  # one backward cat, no zero fills
+    out = torch.bmm(on_prefix_w, cached.values[0]) + on_own_w * own_values
     return out.reshape(kv_heads, rows, group, dim).transpose(0, 1).reshape(rows, 1, heads, dim), None
 
 
@@ -642,18 +643,20 @@ def fast_scores(
         points = (baseline[chunk][:, None, :] + alphas[None, :, None] * deltas[:, None, :])
         points = points.requires_grad_()  # (g, m - 1, d_ff)
         probes = torch.zeros_like(deltas, dtype=torch.float32).requires_grad_()  # (g, d_ff)
-        patches = {layer: (slice(1 + g * steps, 1 + (g + 1) * steps), points[g]) for g, layer in enumerate(chunk)}
+        # unbound once: indexing points[g] per layer would fill a zero (g, m - 1, d_ff) gradient per layer
+        per_layer, probe_of = points.unbind(0), dict(zip(chunk, probes.unbind(0)))
+        patches = {layer: (slice(1 + g * steps, 1 + (g + 1) * steps), per_layer[g]) for g, layer in enumerate(chunk)}
         own = {}
         if skip_own:  # each patching row's change of its layer's output: proj(point) - proj(a)
             dtype = projections[chunk[0]].weight.dtype
-            own = {layer: projections[layer](points[g].to(dtype)) - projections[layer](target[layer][None].to(dtype))
+            own = {layer: projections[layer](per_layer[g].to(dtype)) - projections[layer](target[layer][None].to(dtype))
                    for g, layer in enumerate(chunk)}
             patches = {}
 
         def answer_probs(shared: bool) -> torch.Tensor:  # (rows,) P(answer) of one pass
             limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows, own)
             attention = _shared_prefix_pass(model, prefix) if shared else nullcontext((_cache_view(prefix, active), []))
-            with _patched_last_position(projections, patches, dict(zip(chunk, probes))), limited, \
+            with _patched_last_position(projections, patches, probe_of), limited, \
                     attention as (cache, ran):
                 if head is not None:  # the decoder, then P(answer) straight from its last hidden state
                     hidden = model.base_model(last.expand(rows, 1), past_key_values=cache, use_cache=True)
