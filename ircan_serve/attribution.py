@@ -247,14 +247,19 @@ def _cache_view(prefix: Any, rows: int | Sequence[int]) -> Any:
             cache.batch_repeat_interleave(most)
         return cache
     per_layer = [rows] * len(prefix.layers) if isinstance(rows, int) else list(rows)
-    view = copy.copy(prefix)
-    view.layers = []
-    for layer, n in zip(prefix.layers, per_layer):
-        own = copy.copy(layer)
+    view = _layer_copies(prefix)
+    for own, n in zip(view.layers, per_layer):
         if n > 1:
-            own.keys = layer.keys.expand(n, *layer.keys.shape[1:])
-            own.values = layer.values.expand(n, *layer.values.shape[1:])
-        view.layers.append(own)
+            own.keys = own.keys.expand(n, *own.keys.shape[1:])
+            own.values = own.values.expand(n, *own.values.shape[1:])
+    return view
+
+
+def _layer_copies(prefix: Any) -> Any:
+    """A shallow copy of a :func:`_viewable` cache whose layers are shallow copies too, so that
+    a pass can re-point or re-bind them without touching ``prefix``."""
+    view = copy.copy(prefix)
+    view.layers = [copy.copy(layer) for layer in prefix.layers]
     return view
 
 
@@ -331,12 +336,9 @@ def _shared_prefix_pass(model: torch.nn.Module, prefix: Any) -> Iterator[tuple[A
     Yields a cache for the pass (``prefix``'s layers, whose ``update`` hands the new token's key
     and value through without storing them) and the list of layers whose attention ran.
     """
-    view = copy.copy(prefix)
-    view.layers = []
-    for layer in prefix.layers:
-        own = copy.copy(layer)
+    view = _layer_copies(prefix)
+    for own in view.layers:
         own.update = _pass_through
-        view.layers.append(own)
     _register_shared_prefix_attention()
     ran: list[int] = []
     token = _shared_prefix.set((prefix, ran))
@@ -387,12 +389,12 @@ def _active_rows_only(layers: Sequence[torch.nn.Module], outputs: Sequence[Any],
             def limited(*args: Any, _out: Any = out, _n: int = n, _run: Any = original,
                         _own: torch.Tensor | None = own.get(k), **kwargs: Any) -> Any:
                 recorded = _hidden(_out)  # (1, 1, H)
-                parts = [recorded.expand(rows - _n, *recorded.shape[1:])]
-                if _own is not None:
-                    changed = recorded.to(_own.dtype) + _own[:, None, :]  # (n_own, 1, H)
-                    parts = [changed, recorded.expand(rows - _n - len(_own), *recorded.shape[1:])]
+                n_own = 0 if _own is None else len(_own)
+                parts = [recorded.expand(rows - _n - n_own, *recorded.shape[1:])]
+                if _own is not None:  # the rows that patch this layer: recorded + their projection's change
+                    parts.insert(0, recorded.to(_own.dtype) + _own[:, None, :])
                 if _n == 0:
-                    return _map_hidden(_out, lambda _h: torch.cat(parts, dim=0) if _own is not None else parts[0])
+                    return _map_hidden(_out, lambda _h: torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
                 result = _run(*(_first_rows(a, rows, _n) for a in args),
                               **{key: _first_rows(v, rows, _n) for key, v in kwargs.items()})
                 return _map_hidden(result, lambda h: torch.cat([h, *(p.to(h.dtype) for p in parts)], dim=0))
@@ -628,7 +630,7 @@ def fast_scores(
     # layer k but its output projection: they skip the layer (a copied cache needs every row)
     skip_own = layer_outputs is not None and viewable and layout_for(model.config.model_type).adds_to_residual
     scores = torch.zeros_like(target, dtype=torch.float32)
-    bypassed: list[bool] = []  # set once the shared-prefix attention was found bypassed
+    bypassed = False  # set once the shared-prefix attention was found bypassed
     for chunk in _chunks(layers, per_pass):
         rows = 1 + len(chunk) * steps
         # at layer k only row 0 and the rows of chunk layers <= k (< k when skipping their own
@@ -654,6 +656,7 @@ def fast_scores(
             patches = {}
 
         def answer_probs(shared: bool) -> torch.Tensor:  # (rows,) P(answer) of one pass
+            nonlocal bypassed
             limited = _active_rows_only(blocks, layer_outputs or [None] * len(blocks), active, rows, own)
             attention = _shared_prefix_pass(model, prefix) if shared else nullcontext((_cache_view(prefix, active), []))
             with _patched_last_position(projections, patches, probe_of), limited, \
@@ -670,7 +673,7 @@ def fast_scores(
                 # have seen only the new token: redo the pass, and the next ones, with copies of the prefix
                 log.warning("%s attention bypasses the shared-prefix attention; using per-row caches",
                             model.config.model_type)
-                bypassed.append(True)
+                bypassed = True
                 return answer_probs(False)
             return probs
 
