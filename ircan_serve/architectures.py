@@ -1,27 +1,30 @@
-"""The architecture table: where each model family keeps its FFN output projection.
+"""The architecture table: where each model family keeps its decoder layers and output projections.
 
 IRCAN's neurons are the inputs of each decoder layer's FFN output projection (Llama's
-``mlp.down_proj``). This table is the only place in the project that knows, per
-``config.model_type``, where the decoder layers live, what the projection is called and along
-which weight axis its input neurons run (``nn.Linear`` stores ``(out, in)``, so neurons are
-columns; GPT-2's ``Conv1D`` stores ``(in, out)``, so neurons are rows), and whether the
-projection's output joins the residual stream as it is (the fast attribution path relies on it).
+``mlp.down_proj``); attention heads are slices of the input of the attention output projection
+(``self_attn.o_proj``). This table is the only place in the project that knows, per
+``config.model_type``, where the decoder layers live, what the two projections are called,
+along which weight axis their input features run (``nn.Linear`` stores ``(out, in)``, so input
+features are columns; GPT-2's ``Conv1D`` stores ``(in, out)``, so they are rows), and whether
+the FFN projection's output joins the residual stream as it is (the fast attribution path relies
+on it). :mod:`ircan_serve.units` says which projection each unit kind uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel
 
 from .errors import IrcanError
 
 
 @dataclass(frozen=True)
-class FFNLayout:
-    """Where one family keeps its FFN output projections."""
+class ArchitectureLayout:
+    """Where one family keeps its output projections."""
 
     layers: str
     """Dotted path, from the ``*ForCausalLM`` model, of the list of decoder layers."""
@@ -30,28 +33,22 @@ class FFNLayout:
     neuron_axis: int
     """Axis of that projection's weight that indexes FFN neurons (1 for Linear, 0 for Conv1D)."""
     adds_to_residual: bool = True
-    """The projection's output joins the residual stream as it is (no norm or scale after it),
+    """The FFN projection's output joins the residual stream as it is (no norm or scale after it),
     so changing its input changes the layer's output by ``proj(new) - proj(old)``: the fast path
     then skips the rest of the patched layer. False for post-FFN norms (Gemma 2/3, OLMo 2) and
     Granite's residual multiplier."""
-
-    def weight_name(self, layer: int) -> str:
-        """State-dict / safetensors name of the projection weight of ``layer``."""
-        return f"{self.layers}.{layer}.{self.ffn_out}.weight"
-
-    def weight_names(self, layer: int) -> tuple[str, ...]:
-        """Every name a checkpoint may store that weight under: with the base model's prefix
-        (``transformer.h.0.mlp.c_proj.weight``) or without it, as base-model checkpoints such
-        as the original GPT-2 do (``h.0.mlp.c_proj.weight``)."""
-        full = self.weight_name(layer)
-        prefix, _, rest = self.layers.partition(".")
-        return (full, f"{rest}.{layer}.{self.ffn_out}.weight") if rest else (full,)
+    attn_out: str | None = None
+    """Dotted path, inside one decoder layer, of the attention output projection, whose input is
+    the heads' outputs side by side (``num_attention_heads x head_dim``); None: no head units."""
+    attn_axis: int = 1
+    """Axis of that projection's weight that indexes its input features."""
 
 
-_LLAMA_LIKE = FFNLayout("model.layers", "mlp.down_proj", 1)
-_POST_NORMED = FFNLayout("model.layers", "mlp.down_proj", 1, adds_to_residual=False)
+_LLAMA_LIKE = ArchitectureLayout("model.layers", "mlp.down_proj", 1, attn_out="self_attn.o_proj")
+_POST_NORMED = ArchitectureLayout("model.layers", "mlp.down_proj", 1, adds_to_residual=False,
+                                  attn_out="self_attn.o_proj")
 
-ARCHITECTURES: dict[str, FFNLayout] = {
+ARCHITECTURES: dict[str, ArchitectureLayout] = {
     "llama": _LLAMA_LIKE,  # Llama 2/3, SmolLM/SmolLM2
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -63,14 +60,14 @@ ARCHITECTURES: dict[str, FFNLayout] = {
     "olmo": _LLAMA_LIKE,
     "olmo2": _POST_NORMED,
     "granite": _POST_NORMED,  # the FFN output is scaled by residual_multiplier
-    "gpt2": FFNLayout("transformer.h", "mlp.c_proj", 0),
-    "gpt_neox": FFNLayout("gpt_neox.layers", "mlp.dense_4h_to_h", 1),
-    "gptj": FFNLayout("transformer.h", "mlp.fc_out", 1),
+    "gpt2": ArchitectureLayout("transformer.h", "mlp.c_proj", 0, attn_out="attn.c_proj", attn_axis=0),
+    "gpt_neox": ArchitectureLayout("gpt_neox.layers", "mlp.dense_4h_to_h", 1, attn_out="attention.dense"),
+    "gptj": ArchitectureLayout("transformer.h", "mlp.fc_out", 1, attn_out="attn.out_proj"),
 }
 
 
-def layout_for(model_type: str) -> FFNLayout:
-    """The FFN layout of ``model_type``, or a clear error naming the unsupported type."""
+def layout_for(model_type: str) -> ArchitectureLayout:
+    """The layout of ``model_type``, or a clear error naming the unsupported type."""
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
@@ -82,25 +79,24 @@ def layout_for(model_type: str) -> FFNLayout:
         ) from None
 
 
-def _get(obj: object, dotted: str) -> object:
+def get_path(obj: Any, dotted: str) -> Any:
+    """The attribute (or list item, for digits) at ``dotted`` below ``obj``."""
     for part in dotted.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)  # type: ignore[index]
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The decoder layers of a ``*ForCausalLM`` model, in order."""
     layout = layout_for(model.config.model_type)
-    return list(_get(model, layout.layers))  # type: ignore[call-overload]
+    return list(get_path(model, layout.layers))
 
 
-def ffn_out_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Each decoder layer's FFN output projection; its *input* holds the FFN neurons."""
-    layout = layout_for(model.config.model_type)
-    return [_get(layer, layout.ffn_out) for layer in decoder_layers(model)]  # type: ignore[misc]
+def weight_of(module: torch.nn.Module) -> torch.Tensor:
+    """A projection's weight tensor (``nn.Module`` attributes are typed as tensor-or-module)."""
+    import torch
 
-
-def ffn_width(model: torch.nn.Module) -> int:
-    """Number of FFN neurons per layer (d_ff)."""
-    layout = layout_for(model.config.model_type)
-    return int(ffn_out_projections(model)[0].weight.shape[layout.neuron_axis])
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return weight

@@ -7,16 +7,15 @@ descriptions are the documentation (``ircan attribute --help`` prints them).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import IrcanError
 from .prompts import PromptTemplate
 
-DataFormat = Literal["auto", "generic", "memotrap", "kre", "counterfact"]
 Rule = Literal["paper", "signed"]
 """How beta becomes a factor per neuron (see ``selection.NeuronSet.scaled``)."""
 
@@ -28,7 +27,12 @@ class _Settings(BaseModel):
 class AttributionConfig(_Settings):
     """How context-aware integrated gradients are computed (paper, Eq. 3-4)."""
 
-    n_steps: int = Field(20, ge=1, le=1000, description="Riemann steps m of the integral.")
+    n_steps: int = Field(20, ge=1, le=1000, description="Integration points along the path: the "
+                         "paper's m = 20 Riemann steps, or the nodes of --quadrature gauss-legendre.")
+    quadrature: Literal["riemann", "gauss-legendre"] = Field(
+        "riemann", description="How the path integral is approximated: the paper's right Riemann sum "
+        "(k/m, weight 1/m), or Gauss-Legendre nodes and weights (exact for polynomials of degree "
+        "2n - 1; fewer points for the same accuracy on a smooth path).")
     method: Literal["fast", "reference"] = Field(
         "fast",
         description="'fast' reuses the prefix KV cache and batches steps and layers; "
@@ -82,11 +86,6 @@ PAPER_BETA = [float(b) for b in range(2, 21)]
 SMALL_BETA = [0.0, 0.5, 1.5]
 """Erasing and mild scalings, added because large beta collapses small models."""
 
-EVAL_METHODS = ["original", "ircan", "cad", "ircan+cad", "instruction", "opinion", "erase",
-                "shrink", "random-enhance", "random-erase"]
-"""The methods ``ircan eval`` compares (see ``evaluation/methods.py``)."""
-
-
 class Recipe(_Settings):
     """One export recipe: model x data set -> patched checkpoint (``export/*.toml``)."""
 
@@ -97,8 +96,10 @@ class Recipe(_Settings):
         "Attribution points, probabilities and scores are float32 whatever this is.")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N', or 'auto' (device_map='auto' "
                         "for a model larger than one GPU).")
-    data: str = Field("conflicts", description="Data file, or 'conflicts' for the shipped set.")
-    data_format: DataFormat = Field("auto", description="Format of the data file.")
+    data: str = Field("conflicts", description="Data file (relative to the recipe's folder), or the "
+                      "name of a data set shipped with the package ('conflicts').")
+    data_format: str = Field("auto", description="Format of the data file: 'auto' or a name of "
+                             "ircan_serve/data/formats.py:FORMATS.")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows (without "
                               "[splits]: they are both the attribution and the dev rows, as in the paper).")
     splits: Splits | None = Field(None, description="Disjoint attribution / dev / test rows.")
@@ -118,10 +119,26 @@ class Recipe(_Settings):
                                     "ray://HOST:10001) instead of starting a local one.")
     selection: SelectionConfig = SelectionConfig()
     output: str | None = Field(None, description="Checkpoint folder (default export/out/NAME).")
+    _folder: Path | None = PrivateAttr(None)
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder the recipe file is in (relative data paths are read from there)."""
+        return self._folder
+
+    def data_file(self) -> str:
+        """``data`` as a path to read: relative to the recipe's folder, or as given (absolute paths
+        and shipped data-set names). Artifacts record ``data`` as written, which stays true when
+        the project folder moves."""
+        path = Path(self.data).expanduser()
+        is_file_path = len(path.parts) > 1 or bool(path.suffix)  # not a shipped name such as 'conflicts'
+        if self.folder is None or path.is_absolute() or not is_file_path:
+            return str(path)
+        return str(self.folder / path)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a TOML recipe, resolving relative data paths against the recipe's folder."""
+    """Read a TOML recipe; relative data paths are read from the recipe's folder."""
     path = Path(path)
     if not path.is_file():
         raise IrcanError(f"recipe {path} does not exist; recipes live in export/*.toml")
@@ -130,10 +147,28 @@ def load_recipe(path: str | Path) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise IrcanError(f"recipe {path} is not valid TOML: {e}") from e
     raw.setdefault("name", path.stem)
-    data = raw.get("data")
-    if isinstance(data, str) and data != "conflicts" and not Path(data).is_absolute():
-        raw["data"] = str((path.parent / data).resolve())
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise IrcanError(f"recipe {path} is invalid:\n{e}") from e
+    recipe._folder = path.parent
+    return recipe
+
+
+def write_recipe_choice(path: str | Path, h: int, beta: float, rule: str | None = None) -> None:
+    """Set ``beta`` (top level), ``[selection] num_neurons`` and ``rule`` in a recipe file,
+    keeping its comments and layout (tomlkit)."""
+    import tomlkit
+
+    from .files import atomic_write
+
+    path = Path(path)
+    doc = tomlkit.parse(path.read_text())
+    doc["beta"] = float(beta)
+    if "selection" not in doc:
+        doc["selection"] = tomlkit.table()
+    selection = doc["selection"]
+    selection["num_neurons"] = int(h)
+    if rule:
+        selection["rule"] = rule
+    atomic_write(path, tomlkit.dumps(doc))

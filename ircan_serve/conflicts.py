@@ -21,20 +21,17 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .data import ConflictExample, DataError, _read_rows
+from .answers import answer_matches, replace_answer
+from .data import ConflictExample, DataError, read_rows, renderer
 from .errors import IrcanError
+from .files import atomic_write, atomic_write_json
+from .generation import greedy_generate
 from .prompts import QA_TEMPLATE, PromptTemplate
 
 log = logging.getLogger(__name__)
 
 KNOWN_TOKENS = 5
 """Tokens generated without context to decide whether the model knows a fact."""
-
-
-def answer_matches(text: str, answer: str) -> bool:
-    """The answer occurs in the generated text as whole words, ignoring case ("30" lacks "0").
-    The one rule for "the model said it": the known-facts filter and the evaluation use it."""
-    return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE) is not None
 
 
 class KnownReport(BaseModel):
@@ -58,8 +55,6 @@ def known_facts(model: Any, tokenizer: Any, examples: Sequence[ConflictExample],
         IrcanError: no row is known (naming ``source``): there is no conflict for this model.
     """
     from tqdm.auto import tqdm
-
-    from .evaluation.decoding import greedy_generate
 
     kept: list[ConflictExample] = []
     bar = tqdm(total=len(examples), desc="known-facts filter", unit="row", disable=not progress)
@@ -125,7 +120,7 @@ def answer_kind(question: str, answer: str) -> str:
 
 def _read_pairs(path: Path) -> tuple[list[QAPair], list[str]]:
     pairs, bad = [], []
-    for index, (where, row) in enumerate(_read_rows(path)):
+    for index, (where, row) in enumerate(read_rows(path)):
         if isinstance(row, DataError):
             bad.append(f"{where}: {row}")
             continue
@@ -152,9 +147,6 @@ def build_conflicts(model: Any, tokenizer: Any, source: str | Path, output: str 
     row's passage with the answer replaced, or :func:`one_sentence_context`. ``answer`` is the
     substitute (what the context says), ``memorized`` the original answer.
     """
-    from .data import renderer
-    from .evaluation.decoding import greedy_generate
-
     source, output = Path(source), Path(output)
     if not source.is_file():
         raise IrcanError(f"QA file {source} does not exist")
@@ -183,25 +175,21 @@ def build_conflicts(model: Any, tokenizer: Any, source: str | Path, output: str 
             continue
         new = rng.choice(others)
         if p.passage:
-            pattern = rf"(?<!\w){re.escape(p.answer)}(?!\w)"
-            if not re.search(pattern, p.passage, re.IGNORECASE):
+            replaced = replace_answer(p.passage, p.answer, new)
+            if replaced is None:
                 dropped.append(f"{p.id}: the passage does not state the answer")
                 continue
-            context = re.sub(pattern, lambda _m: new, p.passage, flags=re.IGNORECASE)
-            agreeing = p.passage
+            context, agreeing = replaced, p.passage
         else:
             context, agreeing = one_sentence_context(p.question, new), one_sentence_context(p.question, p.answer)
         rows.append({"id": p.id, "context": context, "question": p.question, "answer": new,
                      "memorized": p.answer, "agreeing_context": agreeing})
     if not rows:
         raise IrcanError(f"{source}: no conflict could be built; dropped: {_reasons(dropped)}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(output)
+    atomic_write(output, "".join(json.dumps(r) + "\n" for r in rows))
     report = ConflictReport(input=str(source), output=str(output), rows=len(pairs) + len(bad),
                             written=len(rows), dropped=_reasons(dropped), dropped_rows=dropped)
-    output.with_name(output.stem + ".report.json").write_text(report.model_dump_json(indent=2) + "\n")
+    atomic_write_json(output.with_name(output.stem + ".report.json"), report.model_dump(mode="json"))
     return report
 
 

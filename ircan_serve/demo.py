@@ -13,15 +13,17 @@ that states the true answer (which must still be followed).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .answers import answer_matches
+from .checkpoint.manifest import Manifest
 from .config import load_recipe
 from .data import ConflictExample
 from .errors import IrcanError
-from .conflicts import answer_matches
 from .evaluation.stats import PairedTest, mcnemar, wilson_interval
-from .export import Manifest
 from .prompts import PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class DemoSet:
     rows: list[DemoRow] = field(default_factory=list)
 
 
-def held_out_questions(recipe_path: str | Path, lm: object = None) -> tuple[list[ConflictExample], list[ConflictExample]]:
+def held_out_questions(recipe_path: str | Path, lm: Any = None) -> tuple[list[ConflictExample], list[ConflictExample]]:
     """(all rows, rows attribution and tuning never read) of a recipe.
 
     With ``[splits]`` the held-out rows are its test split (the known-facts filter, if any, needs
@@ -80,10 +82,10 @@ def held_out_questions(recipe_path: str | Path, lm: object = None) -> tuple[list
     if recipe.splits is None and not recipe.known_only and not (recipe.prompt and recipe.prompt.chat):
         from .data import load_examples
 
-        rows = load_examples(recipe.data, recipe.data_format, template=recipe.prompt).examples
+        rows = load_examples(recipe.data_file(), recipe.data_format, template=recipe.prompt).examples
         held = rows[recipe.limit:] if recipe.limit else []
     else:
-        data = recipe_data(recipe, lm or load_model(recipe.model), progress=False)  # type: ignore[arg-type]
+        data = recipe_data(recipe, lm or load_model(recipe.model), progress=False)
         rows, held = data.all, data.test
     if not held:
         raise IrcanError(f"{recipe_path} uses every row for attribution and tuning (no `limit` or "
@@ -91,10 +93,10 @@ def held_out_questions(recipe_path: str | Path, lm: object = None) -> tuple[list
     return rows, held
 
 
-def _ask(llm: object, s: DemoSet, label: str, retriever: object, with_checks: bool) -> None:
+def _ask(llm: Any, s: DemoSet, label: str, retriever: Any, with_checks: bool) -> None:
     from .langchain.rag import first_line, make_rag_chain
 
-    chain = make_rag_chain(retriever, llm, s.template)  # type: ignore[arg-type]
+    chain = make_rag_chain(retriever, llm, s.template)
     outputs = chain.batch([e.question for e in s.questions])
     if not s.rows:
         s.rows = [DemoRow(e, o["context"], {}) for e, o in zip(s.questions, outputs)]
@@ -115,15 +117,15 @@ def _ask(llm: object, s: DemoSet, label: str, retriever: object, with_checks: bo
             idx.append(i)
             prompts.append(prompt)
         if prompts:
-            for i, text in zip(idx, llm.batch(prompts)):  # type: ignore[attr-defined]
+            for i, text in zip(idx, llm.batch(prompts)):
                 getattr(s.rows[i], kind)[label] = first_line(text)
 
 
-def run_demo(sets: list[tuple[str | Path, str | Path]], base: str = "smollm2") -> list[DemoSet]:
+def run_demo(sets: Sequence[tuple[str | Path, str | Path]], base: str = "smollm2") -> list[DemoSet]:
     """Serve the base once and each (checkpoint, recipe) in turn; ask every set's questions."""
     from .langchain import ChatIrcan, IrcanLLM
-    from .langchain.rag import build_retriever, conflict_documents
     from .models import load_model, resolve_model
+    from .retrieval import build_retriever, conflict_documents
     from .serving import VLLMServer
 
     demo_sets = []
@@ -142,8 +144,9 @@ def run_demo(sets: list[tuple[str | Path, str | Path]], base: str = "smollm2") -
     def llm(server: VLLMServer, template: PromptTemplate) -> IrcanLLM | ChatIrcan:
         """IrcanLLM for a text-mode checkpoint, ChatIrcan for a chat-mode one (as it was attributed)."""
         cls = ChatIrcan if template.chat else IrcanLLM
-        return cls(model=server.model_name, base_url=server.base_url, max_tokens=16,
-                   stop=["\n"], prompt_template=template, timeout=300)
+        params: dict[str, Any] = {"model": server.model_name, "base_url": server.base_url, "max_tokens": 16,
+                                  "stop": ["\n"], "prompt_template": template, "timeout": 300}
+        return cls(**params)
 
     with VLLMServer(resolve_model(base), require_manifest=False) as server:
         for s in demo_sets:
@@ -154,15 +157,14 @@ def run_demo(sets: list[tuple[str | Path, str | Path]], base: str = "smollm2") -
     return demo_sets
 
 
-def summarize_set(s: DemoSet) -> dict[str, object]:
+def summarize_set(s: DemoSet) -> dict[str, Any]:
     """Follow / memorized / side-check rates with 95% intervals, and McNemar against the original."""
-    out: dict[str, object] = {"name": s.name, "questions": len(s.rows), "documents": len(s.documents)}
+    out: dict[str, Any] = {"name": s.name, "questions": len(s.rows), "documents": len(s.documents)}
     for metric, fn in (("follows", DemoRow.follows), ("memorized", DemoRow.stubborn),
                        ("locality", DemoRow.locality_ok), ("agreeing", DemoRow.agreeing_ok)):
-        per_model = {}
+        per_model: dict[str, Any] = {}
         for m in MODELS:
-            values = [fn(r, m) for r in s.rows]
-            values = [v for v in values if v is not None]
+            values = [v for v in (fn(r, m) for r in s.rows) if v is not None]
             if values:
                 k, n = sum(values), len(values)
                 per_model[m] = {"k": k, "n": n, "rate": k / n, "ci": wilson_interval(k, n)}
@@ -176,7 +178,7 @@ def summarize_set(s: DemoSet) -> dict[str, object]:
     return out
 
 
-def print_demo(sets: list[DemoSet], table_limit: int = 30) -> list[dict[str, object]]:
+def print_demo(sets: list[DemoSet], table_limit: int = 30) -> list[dict[str, Any]]:
     """A side-by-side table for small sets; for every set the rates with intervals and p-values."""
     from rich.console import Console
     from rich.table import Table
@@ -207,9 +209,9 @@ def print_demo(sets: list[DemoSet], table_limit: int = 30) -> list[dict[str, obj
             per = summary.get(metric) or {}
             if not per:
                 continue
-            parts = [f"{m} {v['k']}/{v['n']} = {v['rate']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"  # type: ignore[index]
-                     for m, v in per.items() if m in MODELS]  # type: ignore[union-attr]
-            t = per.get("mcnemar")  # type: ignore[union-attr]
+            parts = [f"{m} {v['k']}/{v['n']} = {v['rate']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+                     for m, v in per.items() if m in MODELS]
+            t = per.get("mcnemar")
             p = f"; Δ {t['difference']:+.3f}, McNemar p = {t['p_value']:.2g}" if t else ""
             console.print(f"  {label:>32}: " + ", ".join(parts) + p)
         wrong = sum(r.context != (r.example.context or "") for r in s.rows)

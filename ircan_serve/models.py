@@ -20,8 +20,7 @@ from .architectures import layout_for
 from .errors import IrcanError
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LoadedModel:
     """A model ready for attribution: float32, eval mode, with its tokenizer and source."""
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
     """The folder it was read from (for GGUF: the converted folder) or the hub id."""
@@ -98,7 +97,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF loader marks the model as quantized, and save_pretrained refuses such models.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # typed as the quantizer it had; None disables it
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
@@ -171,12 +170,13 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
     if device == "auto":
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map="auto")
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() for a dtype only
     tokenizer = AutoTokenizer.from_pretrained(source)
     return LoadedModel(model=prepare_model(model), tokenizer=tokenizer, source=source, name=spec)
 
 
-def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+def prepare_model(model: PreTrainedModel) -> PreTrainedModel:
     """Put a model in eval mode with frozen weights: attribution differentiates activations only."""
     layout_for(model.config.model_type)
     model.eval()

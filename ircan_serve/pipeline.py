@@ -15,22 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from .attribution import Attribution, AttributionStore, attribute_examples
+from .checkpoint.export import export_checkpoint
+from .checkpoint.manifest import DatasetInfo, Manifest, sha256_file
 from .config import AttributionConfig, Recipe, SelectionConfig
 from .conflicts import KnownReport, known_facts
-from .data import (
-    SHIPPED_SET,
-    TEMPLATES,
-    ConflictExample,
-    LoadedData,
-    check_prompt_lengths,
-    load_examples,
-    shipped_conflicts_path,
-)
-from .export import DatasetInfo, Manifest, export_checkpoint, sha256_file
+from .data import ConflictExample, LoadedData, check_prompt_lengths, data_path, load_examples
 from .errors import IrcanError
+from .files import atomic_write_json
 from .models import LoadedModel, load_model
 from .prompts import PromptTemplate
-from .selection import NeuronSet, select_neurons
+from .selection import select_units
+from .units import UnitSet
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +40,14 @@ def find_context_neurons(
     store: str | Path | None = None,
     header: dict[str, Any] | None = None,
     progress: bool = True,
-) -> NeuronSet:
+) -> UnitSet:
     """Attribute every example (resumably, when ``store`` is given) and select the neurons."""
     results = attribute_examples(
         model, tokenizer, examples, attribution,
         store=AttributionStore(store) if store is not None else None,
         header=header, progress=progress,
     )
-    return select_neurons(results, selection)
+    return select_units(results, selection)
 
 
 def max_prompt_tokens(model: Any) -> int:
@@ -70,7 +65,7 @@ def load_checked_data(
     limit: int | None = None, template: PromptTemplate | None = None,
 ) -> LoadedData:
     """Load data (rendered with ``template``, the recipe's prompt) and check every prompt fits."""
-    loaded = load_examples(source, data_format, skip_invalid=skip_invalid, limit=limit,  # type: ignore[arg-type]
+    loaded = load_examples(source, data_format, skip_invalid=skip_invalid, limit=limit,
                            template=template, tokenizer=lm.tokenizer)
     return check_prompt_lengths(
         loaded, lm.tokenizer, max_prompt_tokens(lm.model), skip_invalid=skip_invalid
@@ -96,8 +91,9 @@ class RecipeData:
 
 def _known_rows(recipe: Recipe, lm: LoadedModel, rows: list[ConflictExample], cache: Path,
                 progress: bool) -> tuple[list[ConflictExample], KnownReport]:
-    """The known-facts filter, cached in ``cache`` (recomputed when model, data or prompts change)."""
-    key = {"model": lm.source, "data": str(recipe.data), "ids": hashlib.sha256(
+    """The known-facts filter, cached in ``cache`` (recomputed when model, data or prompts change;
+    the key holds the names as given, so the cache stays valid when the project folder moves)."""
+    key = {"model": lm.name, "data": str(recipe.data), "ids": hashlib.sha256(
         "\n".join(e.id + "\t" + e.prompt_without_context + "\t" + e.memorized for e in rows).encode()).hexdigest()}
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -106,8 +102,7 @@ def _known_rows(recipe: Recipe, lm: LoadedModel, rows: list[ConflictExample], ca
             keep = set(report.kept_ids)
             return [e for e in rows if e.id in keep], report
     kept, report = known_facts(lm.model, lm.tokenizer, rows, progress=progress, source=str(recipe.data))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "report": report.model_dump()}))
+    atomic_write_json(cache, {"key": key, "report": report.model_dump()})
     return kept, report
 
 
@@ -123,7 +118,7 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
     Raises:
         IrcanError: too few rows for the splits (naming the file and the counts).
     """
-    data = load_checked_data(lm, recipe.data, recipe.data_format, skip_invalid=recipe.skip_invalid,
+    data = load_checked_data(lm, recipe.data_file(), recipe.data_format, skip_invalid=recipe.skip_invalid,
                              limit=None if recipe.splits else recipe.limit, template=recipe.prompt)
     rows, known = data.examples, None
     if recipe.known_only:
@@ -150,7 +145,7 @@ def attribute_rows(
     """Attribute ``examples`` into ``store``: in this process with ``lm``, or on ``workers`` Ray
     actors (each loading ``lm.source``) when ``workers > 1`` or a Ray ``address`` is given."""
     if workers > 1 or address:
-        from .distributed import attribute_on_ray
+        from .attribution.ray import attribute_on_ray
 
         return attribute_on_ray(lm.source, examples, config, workers=workers, store=store, header=header,
                                 address=address, dtype=dtype, device=device, progress=progress)
@@ -159,8 +154,9 @@ def attribute_rows(
 
 
 def store_header(lm: LoadedModel, data: str, data_format: str) -> dict[str, Any]:
-    """What an attribution store must match to be resumed."""
-    return {"model": lm.name, "model_source": lm.source, "data": str(data), "data_format": data_format}
+    """What an attribution store must match to be resumed: the model and data as the user named
+    them (no machine paths, so a store resumes after the project folder moves)."""
+    return {"model": lm.name, "data": str(data), "data_format": data_format}
 
 
 @dataclass
@@ -191,8 +187,6 @@ class RecipeResult:
 def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
                out_root: str | Path = "export/out") -> RecipeResult:
     """Attribute, select and export as ``recipe`` says; attribution resumes if interrupted."""
-    from .errors import IrcanError
-
     paths = recipe_paths(recipe, out_root)
     output, store = paths.output, paths.store
     if output.exists() and not force:
@@ -203,16 +197,16 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
                              store_header(lm, recipe.data, recipe.data_format), workers=recipe.workers,
                              address=recipe.ray_address, dtype=recipe.dtype, device=recipe.device,
                              progress=progress)
-    neurons = select_neurons(records, recipe.selection).scaled(recipe.beta, recipe.selection.rule)
+    neurons = select_units(records, recipe.selection).scaled(recipe.beta, recipe.selection.rule)
     neurons_file = store / "neurons.json"
     neurons.save(neurons_file)
-    data_path = shipped_conflicts_path() if recipe.data == SHIPPED_SET else Path(recipe.data)
+    data_file = data_path(recipe.data_file())
     manifest = export_checkpoint(
         lm.source, neurons, None, output,
         base_model=recipe.model, served_model_name=recipe.name,
         dataset=DatasetInfo(
             source=recipe.data, format=recipe.data_format, n_examples=len(data.attribution),
-            sha256=sha256_file(data_path) if data_path.is_file() else None,
+            sha256=sha256_file(data_file) if data_file.is_file() else None,
         ),
         attribution=recipe.attribution.model_dump(),
         prompt_template=data.template, force=force,

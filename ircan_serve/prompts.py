@@ -35,7 +35,7 @@ class PromptTemplate(BaseModel):
     system: str | None = Field(None, description="System message placed first in chat mode.")
 
     @model_validator(mode="after")
-    def _check_slots(self) -> "PromptTemplate":
+    def _check_slots(self) -> PromptTemplate:
         for slot in ("{context}", "{question}"):
             if slot not in self.with_context:
                 raise ValueError(f"the template with context has no {slot} slot: {self.with_context!r}")
@@ -67,8 +67,8 @@ class PromptTemplate(BaseModel):
             return self.render(question, context)
         if getattr(tokenizer, "chat_template", None) is None:
             raise IrcanError("chat mode needs a tokenizer with a chat template; this one has none")
-        return tokenizer.apply_chat_template(self.messages(question, context), tokenize=False,
-                                             add_generation_prompt=True)
+        return str(tokenizer.apply_chat_template(self.messages(question, context), tokenize=False,
+                                                 add_generation_prompt=True))
 
     def continuation(self, answer: str) -> str:
         """``answer`` as the model would write it after the prompt (' Lyon', or 'Lyon' in chat)."""
@@ -107,3 +107,8 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     if bos and text.startswith(bos):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(text)["input_ids"])
+
+
+INSTRUCTION = "Answer using only the information given in the context, even if it contradicts what you know."
+"""The prompt baseline users already have: an instruction to rely on the context (``ircan eval``'s
+``instruction`` method, and a recipe's template when it serves the instruction)."""

@@ -1,86 +1,98 @@
-"""Scale the selected neurons' output-projection weights by beta (IRCAN, Section 3.3).
+"""Scale the selected units' output weights by their factors (IRCAN, Section 3.3).
 
-Neuron ``i`` of layer ``l`` writes to the residual stream through the ``i``-th input slice of
-the FFN output projection (a column of ``nn.Linear.weight``, a row of GPT-2's ``Conv1D``).
-Multiplying that slice by beta scales the neuron's contribution; beta = 0 erases it.
+A unit writes to the residual stream through its input slice of an output projection: one column
+of the FFN output projection for a neuron (a row of GPT-2's ``Conv1D``), ``head_dim`` columns of
+the attention output projection for a head. Multiplying that slice by beta scales the unit's
+contribution; beta = 0 erases it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
-from .architectures import ffn_out_projections, layout_for
-from .selection import NeuronSet
+from .architectures import weight_of
+from .units import UnitSet, feature_indices, projections, unit_width, weight_axis
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+Units = UnitSet | Mapping[int, Sequence[int]]
+"""A unit set (each unit with its factor), or a plain layer -> neuron indices mapping."""
 
 
-def scale_neurons(weight: torch.Tensor, indices: Sequence[int], beta: float | Sequence[float],
-                  axis: int) -> torch.Tensor:
-    """A copy of ``weight`` with the slices ``indices`` along ``axis`` multiplied by ``beta``
+def scale_slices(weight: torch.Tensor, indices: Sequence[int], factors: float | Sequence[float],
+                 axis: int) -> torch.Tensor:
+    """A copy of ``weight`` with the slices ``indices`` along ``axis`` multiplied by ``factors``
     (one factor for all, or one per index).
 
     The product is taken in float32 and cast back, so export and in-memory reweighting agree.
     """
     out = weight.clone()
     idx = torch.as_tensor(list(indices), dtype=torch.long, device=weight.device)
-    factors = torch.as_tensor(beta, dtype=torch.float32, device=weight.device)
-    if factors.dim() == 1:  # (k,) -> broadcast along the neuron axis
-        factors = factors.view([-1 if d == axis else 1 for d in range(weight.dim())])
-    scaled = (weight.index_select(axis, idx).float() * factors).to(weight.dtype)
+    scale = torch.as_tensor(factors, dtype=torch.float32, device=weight.device)
+    if scale.dim() == 1:  # (k,) -> broadcast along the slice axis
+        scale = scale.view([-1 if d == axis else 1 for d in range(weight.dim())])
+    scaled = (weight.index_select(axis, idx).float() * scale).to(weight.dtype)
     return out.index_copy_(axis, idx, scaled)
 
 
-Neurons = NeuronSet | Mapping[int, Sequence[int]]
-
-
-def neuron_factors(neurons: Neurons, beta: float | None = None) -> dict[int, tuple[list[int], list[float]]]:
-    """layer -> (indices, factors): ``beta`` for every neuron when given, else each neuron's scale."""
-    if not isinstance(neurons, NeuronSet):
+def slice_factors(units: Units, widths: Mapping[str, int], beta: float | None = None
+                  ) -> dict[tuple[str, int], tuple[list[int], list[float]]]:
+    """(kind, layer) -> (weight slice indices, factors): every input feature of every unit, with
+    ``beta`` when given, else its unit's scale. ``widths`` gives each kind's features per unit."""
+    if not isinstance(units, UnitSet):
         if beta is None:
             raise ValueError("a plain layer -> indices mapping needs a beta")
-        return {layer: (list(idx), [beta] * len(idx)) for layer, idx in dict(neurons).items()}
-    factors = [beta] * len(neurons.neurons) if beta is not None else neurons.scales()
-    out: dict[int, tuple[list[int], list[float]]] = {}
-    for n, f in sorted(zip(neurons.neurons, factors), key=lambda p: (p[0].layer, p[0].index)):
-        idx, fs = out.setdefault(n.layer, ([], []))
-        idx.append(n.index)
-        fs.append(float(f))  # type: ignore[arg-type]
+        return {("neuron", layer): (list(idx), [beta] * len(idx)) for layer, idx in dict(units).items()}
+    factors = [beta] * len(units.neurons) if beta is not None else units.scales()
+    out: dict[tuple[str, int], tuple[list[int], list[float]]] = {}
+    for u, f in sorted(zip(units.neurons, factors), key=lambda p: (p[0].kind, p[0].layer, p[0].index)):
+        idx, fs = out.setdefault((u.kind, u.layer), ([], []))
+        features = feature_indices(u.index, widths[u.kind])
+        idx.extend(features)
+        fs.extend([float(f)] * len(features))
     return out
 
 
-def _targets(model: torch.nn.Module, neurons: Neurons, beta: float | None):
-    by_layer = neuron_factors(neurons, beta)
-    axis = layout_for(model.config.model_type).neuron_axis
-    projections = ffn_out_projections(model)
-    for layer in by_layer:
-        if not 0 <= layer < len(projections):
-            raise ValueError(f"layer {layer} out of range (model has {len(projections)} layers)")
-    return [(projections[layer].weight, idx, f, axis) for layer, (idx, f) in by_layer.items()]
+def _targets(model: PreTrainedModel, units: Units, beta: float | None
+             ) -> list[tuple[torch.Tensor, list[int], list[float], int]]:
+    kinds = {u.kind for u in units.neurons} if isinstance(units, UnitSet) else {"neuron"}
+    widths: dict[str, int] = {kind: unit_width(model.config, kind) for kind in kinds}
+    model_type = model.config.model_type
+    targets = []
+    for (kind, layer), (idx, factors) in slice_factors(units, widths, beta).items():
+        layers = projections(model, kind)
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"layer {layer} out of range (model has {len(layers)} layers)")
+        targets.append((weight_of(layers[layer]), idx, factors, weight_axis(model_type, kind)))
+    return targets
 
 
-def apply_reweighting(model: torch.nn.Module, neurons: Neurons, beta: float | None = None) -> None:
-    """Scale the neurons' weights in place, permanently: by ``beta``, or by each neuron's scale."""
+def apply_reweighting(model: PreTrainedModel, units: Units, beta: float | None = None) -> None:
+    """Scale the units' weights in place, permanently: by ``beta``, or by each unit's scale."""
     with torch.no_grad():
-        for weight, idx, factors, axis in _targets(model, neurons, beta):
-            weight.copy_(scale_neurons(weight, idx, factors, axis))
+        for weight, idx, factors, axis in _targets(model, units, beta):
+            weight.copy_(scale_slices(weight, idx, factors, axis))
 
 
 @contextmanager
-def reweighted(model: torch.nn.Module, neurons: Neurons, beta: float | None = None) -> Iterator[torch.nn.Module]:
-    """Scale the neurons' weights inside the block and restore the exact originals after it.
+def reweighted(model: PreTrainedModel, units: Units, beta: float | None = None) -> Iterator[torch.nn.Module]:
+    """Scale the units' weights inside the block and restore the exact originals after it.
 
-    ``beta`` scales every neuron alike; without it each neuron's own scale is used (a set from
-    :meth:`NeuronSet.scaled`). Tuning loops over (rule, h, beta) reuse one loaded model::
+    ``beta`` scales every unit alike; without it each unit's own scale is used (a set from
+    :meth:`UnitSet.scaled`). Tuning loops over (rule, h, beta) reuse one loaded model::
 
-        with reweighted(model, neurons.top(4).scaled(5.0, "signed")):
+        with reweighted(model, units.top(4).scaled(5.0, "signed")):
             evaluate(model)
     """
-    targets = _targets(model, neurons, beta)
+    targets = _targets(model, units, beta)
     saved = [weight.detach().clone() for weight, _, _, _ in targets]
     try:
-        apply_reweighting(model, neurons, beta)
+        apply_reweighting(model, units, beta)
         yield model
     finally:
         with torch.no_grad():

@@ -3,14 +3,13 @@ family (head_dim 64, as vLLM's CPU kernels need), and the real SmolLM2 for end-t
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from helpers import API_KEY, FAMILIES, tiny_config
 
 
 def _tiny_tokenizer():
@@ -28,29 +27,6 @@ def _tiny_tokenizer():
         tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
-
-
-def tiny_config(model_type: str, vocab_size: int):
-    """A 2-layer random config of ``model_type`` with hidden 128 and head_dim 64."""
-    from transformers import AutoConfig
-
-    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    if model_type == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=128, n_layer=2, n_head=2, n_inner=256,
-                                    n_positions=256, **common)
-    if model_type == "gpt_neox":
-        return AutoConfig.for_model("gpt_neox", hidden_size=128, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=256,
-                                    max_position_embeddings=256, **common)
-    extra = {"head_dim": 64} if model_type in ("gemma", "qwen3", "mistral") else {}
-    return AutoConfig.for_model(
-        model_type, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=256, max_position_embeddings=256,
-        tie_word_embeddings=False, **extra, **common,
-    )
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox"]
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +82,6 @@ def smollm2():
     return load_model("smollm2")
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -128,9 +99,6 @@ def patched_smollm2(tmp_path_factory) -> Path:
     return out
 
 
-API_KEY = "ircan-test-key"
-
-
 @pytest.fixture(scope="session")
 def vllm_server(patched_smollm2):
     """A real vLLM OpenAI server on 127.0.0.1 serving the patched SmolLM2, once per session."""
@@ -138,3 +106,23 @@ def vllm_server(patched_smollm2):
 
     with VLLMServer(patched_smollm2, ServeConfig(api_key=API_KEY, max_model_len=1024, enable_tools=True)) as server:
         yield server
+
+
+def pytest_collection_modifyitems(items):
+    """The tier follows from what a test uses: the live server (``server``), the real SmolLM2
+    (``e2e``). Tests that start servers or load real models themselves carry the marker."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if "vllm_server" in names:
+            item.add_marker(pytest.mark.server)
+        elif names & {"smollm2", "patched_smollm2"}:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(tmp_path_factory):
+    """name -> a folder with that family's real tokenizer (from tests/fixtures/tokenizers)."""
+    from helpers import real_tokenizer_dir
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    return lambda name: real_tokenizer_dir(name, root)

@@ -1,5 +1,5 @@
+from ircan_serve.answers import answer_matches
 from ircan_serve.demo import held_out_questions
-from ircan_serve.conflicts import answer_matches
 
 
 def test_answer_matching_is_by_whole_words():

@@ -1,13 +1,15 @@
-"""The methods compared by ``ircan eval``: each is a way to patch the model and/or the prompt.
+"""The methods compared by ``ircan eval``: one table, each row a way to patch the model, the
+prompt, or the decoding.
 
 * ``original``: the base model.
-* ``ircan``: the found neurons, each scaled by its tuned factor (the enhancement rule).
+* ``ircan``: the found units, each scaled by its tuned factor (the enhancement rule).
 * ``cad`` / ``ircan+cad``: context-aware decoding with alpha (default 0.5), alone and on IRCAN.
-* ``instruction``: a prompt that tells the model to rely on the context.
+* ``instruction`` / ``ircan+instruction``: a prompt that tells the model to rely on the
+  context, alone and on IRCAN (what the patch adds to what users already do).
 * ``opinion``: the opinion-based prompt ``Bob said, "{context}" Q: {question} in Bob's opinion?``.
-* ``erase``: the found neurons erased (beta = 0).
+* ``erase``: the found units erased (beta = 0).
 * ``shrink``: the tuned best point with beta < 1 (``tune.json``'s ``best_shrink``), else the
-  found neurons x 0.5 -- reported apart from ``ircan``, which is always an enhancement.
+  found units x 0.5 -- reported apart from ``ircan``, which is always an enhancement.
 * ``random-enhance`` / ``random-erase``: as many random neurons, enhanced by beta or erased,
   over several seeds (reported as mean +- std).
 """
@@ -15,18 +17,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import EVAL_METHODS
-from ..data import MC_INSTRUCTION, ConflictExample
-from ..reweight import reweighted
-from ..selection import Neuron, NeuronSet
-
-INSTRUCTION = "Answer using only the information given in the context, even if it contradicts what you know."
-METHODS = EVAL_METHODS
+from ..data import ConflictExample
+from ..errors import IrcanError
+from ..prompts import INSTRUCTION, MC_INSTRUCTION
+from ..units import Unit, UnitSet
 
 
 def instruction_prompt(e: ConflictExample) -> str:
@@ -44,13 +43,13 @@ def opinion_prompt(e: ConflictExample) -> str:
     return f'Bob said, "{context}"\nQ: {question} in Bob\'s opinion?\nAnswer:'
 
 
-def random_neurons(like: NeuronSet, n_layers: int, d_ff: int, seed: int) -> NeuronSet:
+def random_units(like: UnitSet, n_layers: int, d_ff: int, seed: int) -> UnitSet:
     """As many uniformly random (layer, index) neurons as ``like`` has, for ablations."""
     rng = random.Random(seed)
     picked: set[tuple[int, int]] = set()
     while len(picked) < len(like.neurons):
         picked.add((rng.randrange(n_layers), rng.randrange(d_ff)))
-    return like.model_copy(update={"neurons": [Neuron(layer=l, index=i) for l, i in sorted(picked)]})
+    return like.model_copy(update={"neurons": [Unit(layer=layer, index=i) for layer, i in sorted(picked)]})
 
 
 @dataclass
@@ -58,14 +57,17 @@ class Method:
     """One evaluated configuration: a weight patch, a prompt transform, and CAD or not."""
 
     name: str
-    neurons: NeuronSet | None = None
-    """The neurons to reweight, each with its factor (``NeuronSet.scaled``)."""
-    prompt: Any = None  # ConflictExample -> str, or None for the example's own prompt
+    neurons: UnitSet | None = None
+    """The units to reweight, each with its factor (``UnitSet.scaled``)."""
+    prompt: Callable[[ConflictExample], str] | None = None
+    """ConflictExample -> prompt, or None for the example's own prompt."""
     cad: bool = False
     seed: int | None = None
 
     @contextmanager
     def patched(self, model: Any) -> Iterator[None]:
+        from ..reweight import reweighted
+
         ctx = reweighted(model, self.neurons) if self.neurons is not None else nullcontext()
         with ctx:
             yield
@@ -74,37 +76,45 @@ class Method:
         return [self.prompt(e) if self.prompt else e.prompt for e in examples]
 
 
-def build_methods(names: list[str], neurons: NeuronSet, n_layers: int, d_ff: int,
-                  seeds: int, shrink: NeuronSet | None = None) -> list[Method]:
-    """The :class:`Method` objects for ``names`` (random ablations expand to one per seed).
+@dataclass(frozen=True)
+class Setting:
+    """What the methods are built from: the tuned units, the model's size, the ablations' seeds."""
 
-    ``neurons`` carry their tuned factors; ``shrink`` is the tuned beta < 1 point, if any.
-    """
-    beta = neurons.beta if neurons.beta is not None else max(neurons.scales())
-    out: list[Method] = []
-    for name in names:
-        if name == "original":
-            out.append(Method(name))
-        elif name == "ircan":
-            out.append(Method(name, neurons))
-        elif name == "cad":
-            out.append(Method(name, cad=True))
-        elif name == "ircan+cad":
-            out.append(Method(name, neurons, cad=True))
-        elif name == "instruction":
-            out.append(Method(name, prompt=instruction_prompt))
-        elif name == "opinion":
-            out.append(Method(name, prompt=opinion_prompt))
-        elif name == "erase":
-            out.append(Method(name, neurons.scaled(0.0, "paper")))
-        elif name == "shrink":
-            out.append(Method(name, shrink if shrink is not None else neurons.scaled(0.5, "paper")))
-        elif name in ("random-enhance", "random-erase"):
-            for seed in range(seeds):
-                rnd = random_neurons(neurons, n_layers, d_ff, seed)
-                out.append(Method(name, rnd.scaled(beta if name == "random-enhance" else 0.0, "paper"), seed=seed))
-        else:
-            from ..errors import IrcanError
+    units: UnitSet
+    n_layers: int
+    d_ff: int
+    seeds: int
+    shrink: UnitSet | None = None
 
-            raise IrcanError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return out
+    @property
+    def beta(self) -> float:
+        return self.units.beta if self.units.beta is not None else max(self.units.scales())
+
+
+def _random(name: str, s: Setting, erase: bool) -> list[Method]:
+    return [Method(name, random_units(s.units, s.n_layers, s.d_ff, seed).scaled(0.0 if erase else s.beta, "paper"),
+                   seed=seed) for seed in range(s.seeds)]
+
+
+METHODS: dict[str, Callable[[Setting], list[Method]]] = {
+    "original": lambda s: [Method("original")],
+    "ircan": lambda s: [Method("ircan", s.units)],
+    "cad": lambda s: [Method("cad", cad=True)],
+    "ircan+cad": lambda s: [Method("ircan+cad", s.units, cad=True)],
+    "instruction": lambda s: [Method("instruction", prompt=instruction_prompt)],
+    "ircan+instruction": lambda s: [Method("ircan+instruction", s.units, prompt=instruction_prompt)],
+    "opinion": lambda s: [Method("opinion", prompt=opinion_prompt)],
+    "erase": lambda s: [Method("erase", s.units.scaled(0.0, "paper"))],
+    "shrink": lambda s: [Method("shrink", s.shrink if s.shrink is not None else s.units.scaled(0.5, "paper"))],
+    "random-enhance": lambda s: _random("random-enhance", s, erase=False),
+    "random-erase": lambda s: _random("random-erase", s, erase=True),
+}
+"""Method name -> its configurations (random ablations: one per seed)."""
+
+
+def build_methods(names: list[str], setting: Setting) -> list[Method]:
+    """The :class:`Method` objects for ``names``, in order."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise IrcanError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return [method for name in names for method in METHODS[name](setting)]

@@ -8,21 +8,24 @@ Predictions per task (IRCAN, Section 4.1):
 * ``first_token`` (any task): the arg-max next token vs the first token of each answer as it
   continues the prompt;
 * ``multiple_choice``: the highest logit among the option letters at the answer position;
-* ``completion`` / ``qa`` generation: greedy generation (see :mod:`.decoding`), compared up to
+* ``completion`` / ``qa`` generation: greedy generation (:mod:`ircan_serve.generation`), compared up to
   the first period (MemoTrap) or by containment (open QA).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, Field
 
-from ..attribution import answer_token_id
+from ..answers import answer_token_id
 from ..data import ConflictExample
-from ..prompts import encode
+from ..generation import next_token_logits
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class Score(BaseModel):
@@ -49,34 +52,6 @@ def score(correct: Sequence[bool], stubborn: Sequence[bool]) -> Score:
                  correct=[bool(c) for c in correct], stubborn=[bool(s) for s in stubborn])
 
 
-@torch.no_grad()
-def next_token_logits(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
-                      batch_size: int = 16, *, all_positions: bool = False) -> torch.Tensor:
-    """(N, V) next-token logits at the end of each prompt, left-padded in batches.
-
-    Only the last position's logits are computed (``logits_to_keep=1``, as attribution does):
-    the vocabulary projection of every other position is the bulk of the time and memory on long
-    RAG prompts. ``all_positions=True`` computes them all and keeps the last (the benchmark's
-    baseline; same numbers).
-    """
-    from ..attribution import _last_logits_kwargs
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    keep = {} if all_positions else _last_logits_kwargs(model)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [encode(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # (B, T)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                       use_cache=False, **keep).logits[:, -1, :]  # (B, V)
-        out.append(logits.float().cpu())
-    return torch.cat(out)
-
-
 def score_first_tokens(tokenizer: Any, logits: torch.Tensor, prompts: Sequence[str],
                        examples: Sequence[ConflictExample]) -> Score:
     """Arg-max of (N, V) next-token ``logits`` vs the first tokens of the two answers."""
@@ -99,21 +74,21 @@ def score_choices(tokenizer: Any, logits: torch.Tensor, prompts: Sequence[str],
     return score(correct, stubborn)
 
 
-def first_token_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+def first_token_score(model: PreTrainedModel, tokenizer: Any, examples: Sequence[ConflictExample],
                       prompts: Sequence[str] | None = None) -> Score:
     """Arg-max next token vs the first tokens of the context's and the memorized answer."""
     prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
     return score_first_tokens(tokenizer, next_token_logits(model, tokenizer, prompts), prompts, examples)
 
 
-def choice_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+def choice_score(model: PreTrainedModel, tokenizer: Any, examples: Sequence[ConflictExample],
                  prompts: Sequence[str] | None = None) -> Score:
     """Multiple choice: the option letter with the highest logit."""
     prompts = list(prompts) if prompts is not None else [e.prompt for e in examples]
     return score_choices(tokenizer, next_token_logits(model, tokenizer, prompts), prompts, examples)
 
 
-def logit_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ConflictExample],
+def logit_score(model: PreTrainedModel, tokenizer: Any, examples: Sequence[ConflictExample],
                 prompts: Sequence[str] | None = None) -> Score:
     """The cheap per-task score used for tuning: option logits for multiple choice, else first token."""
     if examples and examples[0].task == "multiple_choice":
@@ -121,7 +96,7 @@ def logit_score(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Confl
     return first_token_score(model, tokenizer, examples, prompts)
 
 
-def agreement(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+def agreement(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[str],
               reference: torch.Tensor) -> tuple[float, float]:
     """(top-1 agreement, mean KL(reference || model)) of next-token distributions on ``prompts``.
 
@@ -134,6 +109,20 @@ def agreement(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
     return agree, kl
 
 
-def until_period(text: str) -> str:
-    """MemoTrap's prediction: the generated text up to the first period, normalized."""
-    return text.split(".", 1)[0].strip().lower()
+def side_scores(model: PreTrainedModel, tokenizer: Any, examples: Sequence[ConflictExample]
+                ) -> tuple[Score | None, Score | None]:
+    """(locality, agreeing-context) first-token scores of the model as it is, on the rows that
+    have them (None where none does): the true answer of an unrelated fact without context, and
+    the true answer when the context states it. A weight patch must keep both."""
+    out: list[Score | None] = []
+    for prompt_of, answer_of in ((lambda e: e.locality_prompt, lambda e: e.locality_answer),
+                                 (lambda e: e.agreeing_prompt, lambda e: e.memorized)):
+        rows = [e for e in examples if prompt_of(e) and answer_of(e)]
+        if not rows:
+            out.append(None)
+            continue
+        prompts = [prompt_of(e) for e in rows]
+        top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()
+        hits = [t == answer_token_id(tokenizer, p, answer_of(e)) for t, p, e in zip(top, prompts, rows)]
+        out.append(score(hits, [False] * len(hits)))
+    return out[0], out[1]

@@ -3,7 +3,7 @@
 Per task (see :mod:`.metrics`): multiple choice scores the option letters' logits at the answer
 position; completion (MemoTrap) and open QA also generate greedily (10 tokens) and score the text
 (up to the first period for completion, whole-word containment for QA); all tasks report the
-first-token score. With CAD the logits are combined as in :func:`.decoding.cad_logits`.
+first-token score. With CAD the logits are combined as in :func:`ircan_serve.generation.cad_logits`.
 Each finished method is appended to ``results.json`` at once, so an interrupted run keeps what
 it computed and a rerun with the same settings continues after it.
 """
@@ -19,21 +19,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from ..attribution import answer_token_id
-from ..conflicts import answer_matches
+from ..answers import answer_matches, answer_token_id, until_period
 from ..data import ConflictExample
 from ..errors import IrcanError
-from .decoding import cad_logits, greedy_generate
+from ..files import atomic_write_json
+from ..generation import cad_logits, greedy_generate, next_token_logits
 from .methods import Method
-from .metrics import (  # noqa: F401
-    Score,
-    agreement,
-    next_token_logits,
-    score,
-    score_choices,
-    score_first_tokens,
-    until_period,
-)
+from .metrics import Score, agreement, score, score_choices, score_first_tokens, side_scores
 
 
 class MethodResult(BaseModel):
@@ -99,22 +91,6 @@ def run_method(model: Any, tokenizer: Any, examples: list[ConflictExample], meth
                         locality=locality, agreeing=agreeing, seconds=time.perf_counter() - t0)
 
 
-def side_scores(model: Any, tokenizer: Any, examples: list[ConflictExample]) -> tuple[Score | None, Score | None]:
-    """(locality, agreeing-context) first-token scores of the model as it is, where rows have them."""
-    out: list[Score | None] = []
-    for prompt_of, answer_of in ((lambda e: e.locality_prompt, lambda e: e.locality_answer),
-                                 (lambda e: e.agreeing_prompt, lambda e: e.memorized)):
-        rows = [e for e in examples if prompt_of(e) and answer_of(e)]
-        if not rows:
-            out.append(None)
-            continue
-        prompts = [prompt_of(e) for e in rows]
-        top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()
-        hits = [t == answer_token_id(tokenizer, p, answer_of(e)) for t, p, e in zip(top, prompts, rows)]
-        out.append(score(hits, [False] * len(hits)))
-    return out[0], out[1]
-
-
 def side_effects(model: Any, tokenizer: Any, examples: list[ConflictExample], method: Method) -> SideEffects:
     """KL and top-1 agreement without context, and accuracy on the answers the original knows."""
     prompts = [e.prompt_without_context for e in examples]
@@ -153,9 +129,7 @@ class EvalStore:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        atomic_write_json(self.path, self.data)
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list[ConflictExample], methods: list[Method],

@@ -15,14 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..attribution import answer_token_id
 from ..config import PAPER_BETA, PAPER_H, SMALL_BETA, Rule
 from ..data import ConflictExample
 from ..errors import IrcanError
+from ..generation import next_token_logits
 from ..reweight import reweighted
-from ..selection import NeuronSet
-from .metrics import Score, agreement, logit_score, next_token_logits
-
+from ..units import UnitSet
+from .metrics import Score, agreement, logit_score, side_scores
 
 
 class SideChecks(BaseModel):
@@ -75,24 +74,14 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _side_checks(model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> SideChecks:
-    loc = [e for e in dev if e.locality_prompt and e.locality_answer]
-    agr = [e for e in dev if e.agreeing_prompt]
-    locality = agreeing = None
-    if loc:
-        prompts = [e.locality_prompt for e in loc]
-        top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()  # type: ignore[arg-type]
-        locality = sum(t == answer_token_id(tokenizer, p, e.locality_answer)  # type: ignore[arg-type]
-                       for t, p, e in zip(top, prompts, loc)) / len(loc)
-    if agr:
-        prompts = [e.agreeing_prompt for e in agr]
-        top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()  # type: ignore[arg-type]
-        agreeing = sum(t == answer_token_id(tokenizer, p, e.memorized)  # type: ignore[arg-type]
-                       for t, p, e in zip(top, prompts, agr)) / len(agr)
-    return SideChecks(locality=locality, agreeing=agreeing)
+def side_checks(model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> SideChecks:
+    """The side checks' accuracies (:func:`.metrics.side_scores`) of the model as it is."""
+    locality, agreeing = side_scores(model, tokenizer, dev)
+    return SideChecks(locality=locality.accuracy if locality else None,
+                      agreeing=agreeing.accuracy if agreeing else None)
 
 
-def _collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agreement: float,
+def collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agreement: float,
                      max_drop: float) -> str:
     reasons = []
     if agree < min_agreement:
@@ -104,7 +93,7 @@ def _collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agr
     return "; ".join(reasons)
 
 
-def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictExample], *,
+def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExample], *,
          hs: Sequence[int] = PAPER_H, betas: Sequence[float] = SMALL_BETA + PAPER_BETA,
          rules: Sequence[Rule] = ("paper", "signed"), min_agreement: float = 0.8,
          max_drop: float = 0.02, progress: bool = True) -> TuneResult:
@@ -130,7 +119,7 @@ def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictE
     plain = [e.prompt_without_context for e in dev]
     reference = next_token_logits(model, tokenizer, plain)
     original = logit_score(model, tokenizer, dev)
-    base_checks = _side_checks(model, tokenizer, dev)
+    base_checks = side_checks(model, tokenizer, dev)
     points = [(r, h, b) for r in rules for h in hs for b in betas if b != 1 and not (r == "signed" and b < 1)]
     grid = []
     for rule, h, beta in tqdm(points, desc="tune rule x h x beta", disable=not progress):
@@ -138,8 +127,8 @@ def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictE
             dev_score = logit_score(model, tokenizer, dev)
             agree, kl = agreement(model, tokenizer, plain, reference)
             # a point that already fails the agreement check is not scored on the side checks
-            checks = _side_checks(model, tokenizer, dev) if agree >= min_agreement else SideChecks()
-        reason = _collapse_reason(agree, checks, base_checks, min_agreement, max_drop)
+            checks = side_checks(model, tokenizer, dev) if agree >= min_agreement else SideChecks()
+        reason = collapse_reason(agree, checks, base_checks, min_agreement, max_drop)
         grid.append(GridPoint(rule=rule, h=h, beta=beta, dev=dev_score, agreement=agree, kl=kl,
                               checks=checks, collapsed=bool(reason), reason=reason))
 
@@ -152,39 +141,3 @@ def tune(model: Any, tokenizer: Any, neurons: NeuronSet, dev: Sequence[ConflictE
                       best=pick([p for p in ok if p.enhancing]),
                       best_shrink=pick([p for p in ok if p.beta < 1]), min_agreement=min_agreement,
                       max_drop=max_drop, seconds=time.perf_counter() - t0)
-
-
-def write_choice_to_recipe(path: Any, h: int, beta: float, rule: str | None = None) -> None:
-    """Set ``beta`` (top level), ``[selection] num_neurons`` and ``rule`` in a recipe file,
-    keeping its comments."""
-    import re
-    from pathlib import Path
-
-    path = Path(path)
-    lines = path.read_text().splitlines()
-    section, seen = "", set()
-    for i, line in enumerate(lines):
-        header = re.match(r"\s*\[([^\]]+)\]", line)
-        if header:
-            section = header.group(1).strip()
-            continue
-        key = re.match(r"\s*(\w+)\s*=", line)
-        if key and (section, key.group(1)) == ("", "beta"):
-            lines[i], _ = f"beta = {beta!r}", seen.add("beta")
-        elif key and (section, key.group(1)) == ("selection", "num_neurons"):
-            lines[i], _ = f"num_neurons = {h}", seen.add("h")
-        elif key and rule and (section, key.group(1)) == ("selection", "rule"):
-            lines[i], _ = f'rule = "{rule}"', seen.add("rule")
-    if "beta" not in seen:
-        first_table = next((i for i, l in enumerate(lines) if re.match(r"\s*\[", l)), len(lines))
-        lines.insert(first_table, f"beta = {beta!r}")
-    if "h" not in seen:
-        at = next((i for i, l in enumerate(lines) if re.match(r"\s*\[selection\]", l)), None)
-        if at is None:
-            lines += ["", "[selection]", f"num_neurons = {h}"]
-        else:
-            lines.insert(at + 1, f"num_neurons = {h}")
-    if rule and "rule" not in seen:
-        at = next(i for i, l in enumerate(lines) if re.match(r"\s*\[selection\]", l))
-        lines.insert(at + 1, f'rule = "{rule}"')
-    path.write_text("\n".join(lines) + "\n")

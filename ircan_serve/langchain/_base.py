@@ -1,7 +1,13 @@
 """What the string LLM and the chat model add to their ``langchain-openai`` bases: the defaults
 for a local ``ircan serve`` endpoint, ``from_checkpoint``, the RAG context slot rendered with the
 checkpoint's :class:`~ircan_serve.prompts.PromptTemplate`, and connection errors that say what
-to do while staying ``openai`` exception types."""
+to do while staying ``openai`` exception types.
+
+:class:`IrcanEndpoint` is mixed in before the langchain-openai base and overrides its four
+generation paths (sync, async, stream, async stream) once for both wrappers: each fills the
+context slot (:meth:`IrcanEndpoint._with_slot`, the one method each wrapper defines for its input
+type) and translates errors, then hands over to the base.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 
 import httpx
 import openai
+from langchain_core.language_models import LangSmithParams
 from langchain_core.utils import from_env, secret_from_env
 from pydantic import Field, SecretStr
 
@@ -28,7 +35,7 @@ class IrcanConnectionError(IrcanError, openai.APIConnectionError):
     ``with_retry(retry_if_exception_type=(openai.APIConnectionError,))`` matches it.
     """
 
-    def __init__(self, message: str, request: httpx.Request) -> None:
+    def __init__(self, message: str, request: Any) -> None:
         openai.APIConnectionError.__init__(self, message=message, request=request)
 
 
@@ -36,7 +43,7 @@ class IrcanTimeoutError(IrcanConnectionError, openai.APITimeoutError):
     """The server did not answer within ``timeout`` (an :class:`openai.APITimeoutError`)."""
 
 
-def _request(e: BaseException, base_url: str) -> httpx.Request:
+def _request(e: BaseException, base_url: str) -> Any:
     request = getattr(e, "request", None)
     try:
         return request if isinstance(request, httpx.Request) else httpx.Request("POST", base_url)
@@ -90,10 +97,22 @@ class IrcanEndpoint:
     """Bearer token, if the server requires one (env ``IRCAN_API_KEY``)."""
     prompt_template: PromptTemplate | None = None
     """Template of the RAG context slot (``invoke(question, context=...)``); from the manifest."""
+    request_timeout: float | tuple[float, float] | Any | None = Field(default=60.0, alias="timeout")
+    """Seconds to wait for one request."""
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """LangChain serialization path: the wrapper's module (``ircan_serve.langchain.chat``)."""
+        return cls.__module__.split(".")
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params: LangSmithParams = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]  # a mixin
+        params["ls_provider"] = "ircan"
+        return params
 
     def to_json(self) -> Any:
         """LangChain serialization: the template as plain data, the key as ``IRCAN_API_KEY``."""
-        data = super().to_json()  # type: ignore[misc]
+        data = super().to_json()  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
         kwargs = data.get("kwargs") if isinstance(data, dict) else None
         if isinstance(kwargs, dict):
             if isinstance(kwargs.get("prompt_template"), PromptTemplate):
@@ -106,10 +125,10 @@ class IrcanEndpoint:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, base_url: str, **kwargs: Any) -> Any:
         """A wrapper for the server of an exported checkpoint: model name and template from its manifest."""
-        from ..export import Manifest
+        from ..checkpoint.manifest import Manifest
 
         manifest = Manifest.load(checkpoint)
-        return cls(model=manifest.served_model_name, base_url=base_url,  # type: ignore[call-arg]
+        return cls(model=manifest.served_model_name, base_url=base_url,  # type: ignore[call-arg]  # pydantic aliases
                    prompt_template=manifest.prompt_template, **kwargs)
 
     def _with_context(self, question: str, context: str | None) -> str:
@@ -122,3 +141,31 @@ class IrcanEndpoint:
                 "from_checkpoint(...) or pass prompt_template=QA_TEMPLATE"
             )
         return self.prompt_template.render(question=question, context=context)
+
+    def _with_slot(self, inputs: Any, context: str | None) -> Any:
+        """The wrapper's input with the context slot filled (prompts, or chat messages)."""
+        raise NotImplementedError
+
+    def _generate(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        with translate_errors(self.openai_api_base):
+            return super()._generate(inputs, stop=stop, run_manager=run_manager, **kwargs)  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
+
+    async def _agenerate(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
+                         **kwargs: Any) -> Any:
+        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        with translate_errors(self.openai_api_base):
+            return await super()._agenerate(inputs, stop=stop, run_manager=run_manager, **kwargs)  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
+
+    def _stream(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
+                **kwargs: Any) -> Iterator[Any]:
+        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        yield from guarded(self.openai_api_base,
+                           super()._stream(inputs, stop=stop, run_manager=run_manager, **kwargs))  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
+
+    async def _astream(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
+                       **kwargs: Any) -> AsyncIterator[Any]:
+        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        async for chunk in aguarded(self.openai_api_base,
+                                    super()._astream(inputs, stop=stop, run_manager=run_manager, **kwargs)):  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
+            yield chunk

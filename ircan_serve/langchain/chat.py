@@ -3,21 +3,15 @@ pointed at vLLM, plus the checkpoint's RAG context slot."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
-
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import LangSmithParams
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
 from pydantic import Field
 
 from ..errors import IrcanError
-from ._base import IrcanEndpoint, aguarded, guarded, translate_errors
+from ._base import IrcanEndpoint
 
 
-class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]
+class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]  # the mixin's fields redefine the base's
     """Chat model served by ``ircan serve`` (vLLM's OpenAI ``/v1/chat/completions``).
 
     A ``ChatOpenAI`` subclass, so everything ``ChatOpenAI`` does against vLLM works: tool calling
@@ -60,8 +54,6 @@ class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]
     """Sampling temperature (0: greedy, the setting IRCAN is evaluated with)."""
     max_tokens: int | None = Field(default=256, alias="max_completion_tokens")
     """Most tokens to generate."""
-    request_timeout: float | tuple[float, float] | Any | None = Field(default=60.0, alias="timeout")
-    """Seconds to wait for one request."""
     stream_usage: bool | None = True
     """Report token usage at the end of a stream."""
 
@@ -69,16 +61,7 @@ class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]
     def _llm_type(self) -> str:
         return "ircan-vllm-chat"
 
-    @classmethod
-    def get_lc_namespace(cls) -> list[str]:
-        return ["ircan_serve", "langchain", "chat"]
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "ircan"
-        return params
-
-    def _templated(self, messages: list[BaseMessage], context: str | None) -> list[BaseMessage]:
+    def _with_slot(self, messages: list[BaseMessage], context: str | None) -> list[BaseMessage]:
         """The context in the last human message, and the template's system message first (as
         attribution rendered the prompt)."""
         messages = list(messages)
@@ -91,31 +74,3 @@ class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]
         if template is not None and template.system and not any(isinstance(m, SystemMessage) for m in messages):
             messages.insert(0, SystemMessage(content=template.system))
         return messages
-
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        messages = self._templated(messages, kwargs.pop("context", None))
-        with translate_errors(self.openai_api_base):
-            return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
-
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                         **kwargs: Any) -> ChatResult:
-        messages = self._templated(messages, kwargs.pop("context", None))
-        with translate_errors(self.openai_api_base):
-            return await super()._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
-
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        messages = self._templated(messages, kwargs.pop("context", None))
-        yield from guarded(self.openai_api_base,
-                           super()._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
-
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        messages = self._templated(messages, kwargs.pop("context", None))
-        async for chunk in aguarded(self.openai_api_base,
-                                    super()._astream(messages, stop=stop, run_manager=run_manager, **kwargs)):
-            yield chunk

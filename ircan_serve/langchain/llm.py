@@ -3,19 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
-
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import LangSmithParams
-from langchain_core.outputs import GenerationChunk, LLMResult
 from langchain_openai import OpenAI
-from pydantic import Field
 
-from ._base import IrcanEndpoint, aguarded, guarded, translate_errors
+from ._base import IrcanEndpoint
 
 
-class IrcanLLM(IrcanEndpoint, OpenAI):  # type: ignore[misc]
+class IrcanLLM(IrcanEndpoint, OpenAI):  # type: ignore[misc]  # the mixin's fields redefine the base's
     """Completion model served by ``ircan serve`` (vLLM's OpenAI ``/v1/completions``).
 
     A subclass of langchain-openai's ``OpenAI``: ``batch`` sends its prompts in one request
@@ -42,46 +35,13 @@ class IrcanLLM(IrcanEndpoint, OpenAI):  # type: ignore[misc]
 
     temperature: float = 0.0
     """Sampling temperature (0: greedy, the setting IRCAN is evaluated with)."""
-    request_timeout: float | tuple[float, float] | Any | None = Field(default=60.0, alias="timeout")
-    """Seconds to wait for one request."""
 
     @property
     def _llm_type(self) -> str:
         return "ircan-vllm"
 
-    @classmethod
-    def get_lc_namespace(cls) -> list[str]:
-        return ["ircan_serve", "langchain", "llm"]
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "ircan"
-        return params
-
-    def _generate(self, prompts: list[str], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        context = kwargs.pop("context", None)
-        texts = [self._with_context(p, context) for p in prompts]
-        with translate_errors(self.openai_api_base):
-            return super()._generate(texts, stop=stop, run_manager=run_manager, **kwargs)
-
-    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        context = kwargs.pop("context", None)
-        texts = [self._with_context(p, context) for p in prompts]
-        with translate_errors(self.openai_api_base):
-            return await super()._agenerate(texts, stop=stop, run_manager=run_manager, **kwargs)
-
-    def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        prompt = self._with_context(prompt, kwargs.pop("context", None))
-        yield from guarded(self.openai_api_base,
-                           super()._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))
-
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        prompt = self._with_context(prompt, kwargs.pop("context", None))
-        async for chunk in aguarded(self.openai_api_base,
-                                    super()._astream(prompt, stop=stop, run_manager=run_manager, **kwargs)):
-            yield chunk
+    def _with_slot(self, prompts: str | list[str], context: str | None) -> str | list[str]:
+        """The prompt (or each of a batch's prompts) with the context slot filled."""
+        if isinstance(prompts, str):
+            return self._with_context(prompts, context)
+        return [self._with_context(p, context) for p in prompts]

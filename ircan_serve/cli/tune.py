@@ -1,0 +1,69 @@
+"""``ircan tune``: choose the rule, h and beta on the recipe's dev rows (reversible reweighting)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import IrcanError
+
+HELP = "choose the rule, h and beta on the recipe's dev rows (reversible reweighting)"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    from ..config import PAPER_BETA, PAPER_H, SMALL_BETA
+
+    p = sub.add_parser("tune", help=HELP)
+    p.add_argument("recipe", help="export/*.toml recipe whose attribution store exists")
+    p.add_argument("--h", type=int, nargs="+", default=PAPER_H, help="h values (default: the paper's 1..16)")
+    p.add_argument("--beta", type=float, nargs="+", default=SMALL_BETA + PAPER_BETA,
+                   help="beta values (default: 0, 0.5, 1.5 and the paper's 2..20)")
+    p.add_argument("--min-agreement", type=float, default=0.8,
+                   help="grid points whose top-1 agreement with the original on prompts without "
+                        "context falls below this are collapsed and never chosen")
+    p.add_argument("--rule", nargs="+", default=["paper", "signed"], choices=["paper", "signed"],
+                   help="reweighting rules to search (default both)")
+    p.add_argument("--max-drop", type=float, default=0.02,
+                   help="grid points that lose more than this accuracy on the dev rows' locality facts "
+                        "or agreeing contexts are collapsed and never chosen")
+    p.add_argument("--no-write", dest="write", action="store_false",
+                   help="only report; do not write the choice into the recipe")
+    return p
+
+
+def run(ns: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..config import load_recipe
+    from ..evaluation.recipe_runs import tune_recipe
+
+    recipe = load_recipe(ns.recipe)
+    done = tune_recipe(recipe, ns.recipe, hs=ns.h, betas=ns.beta, rules=ns.rule,
+                       min_agreement=ns.min_agreement, max_drop=ns.max_drop, write=ns.write)
+    result = done.result
+    which = ("the recipe's attribution rows (no \\[splits]: the paper's protocol)" if recipe.splits is None
+             else "rows disjoint from the attribution rows")
+    table = Table(title=f"tune {recipe.name}: {done.dev_rows} dev rows, {which}")
+    for col in ("rule", "h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)",
+                "locality", "agreeing ctx", "KL", "collapsed"):
+        table.add_column(col, justify="right")
+    for row in result.table():
+        table.add_row(*row)
+    console = Console(width=160)
+    console.print(table)
+    oc = result.original_checks
+    console.print(f"original: accuracy {result.original.accuracy:.3f}, stubbornness "
+                  f"{result.original.stubbornness:.3f}, locality {oc.locality}, agreeing {oc.agreeing}; "
+                  f"grid of {len(result.grid)} points in {result.seconds:.0f} s")
+    if result.best_shrink is not None:
+        b = result.best_shrink
+        console.print(f"best shrinking point (reported apart, not chosen): {b.rule} h = {b.h}, beta = {b.beta:g} "
+                      f"(dev accuracy {b.dev.accuracy:.3f})")
+    if result.best is None:
+        raise IrcanError("every enhancing grid point collapsed (agreement < "
+                         f"{ns.min_agreement} or a side check dropped > {ns.max_drop}); nothing written")
+    best = result.best
+    console.print(f"chosen: {best.rule} h = {best.h}, beta = {best.beta:g} (dev accuracy {best.dev.accuracy:.3f}); "
+                  f"grid in {done.report}")
+    if done.written:
+        console.print(f"written to {ns.recipe}; rebuild with `ircan export {ns.recipe} --force`")

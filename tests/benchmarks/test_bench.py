@@ -1,0 +1,54 @@
+"""`ircan bench attribution` measures what it says: the same scores, and the FLOPs it reports."""
+
+from pathlib import Path
+
+import pytest
+
+from ircan_serve.benchmarks.attribution import bench_attribution, bench_pairs
+from ircan_serve.benchmarks.measure import matmul_peak_gflops
+from ircan_serve.errors import IrcanError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_attribution_bench_reports_equal_scores_and_fewer_flops_for_the_fast_path(tiny_llama_dir):
+    # this checkout doubles as the baseline checkout: it must give the fast path's scores
+    (row,) = bench_attribution(str(tiny_llama_dir), ["conflicts:2"], n_steps=3, reference_layers=None,
+                               baseline=str(REPO))
+    assert row.examples == 2 and row.layers >= 2
+    assert row.max_abs_diff["fast"] <= 1e-4 * row.max_abs_score
+    assert row.max_abs_diff["full-stack"] <= 1e-4 * row.max_abs_score
+    assert set(row.flops) == {"full-stack", "fast"}  # the reference is not counted
+    # starting each row at its layer does strictly less matrix work than running every layer
+    assert 0 < row.flops["fast"] < row.flops["full-stack"]
+    assert row.gflops("fast") > 0
+    assert row.seconds["baseline"] > 0
+    assert row.max_abs_diff["baseline"] <= 1e-4 * row.max_abs_score
+
+
+def test_baseline_must_be_a_checkout(tmp_path, tiny_llama_dir):
+    with pytest.raises(IrcanError, match="no ircan_serve package there"):
+        bench_attribution(str(tiny_llama_dir), ["conflicts:1"], n_steps=2, reference_layers=None,
+                          baseline=str(tmp_path))
+
+
+def test_matmul_peak_is_a_speed():
+    assert matmul_peak_gflops(size=256, repeats=2) > 0
+
+
+def test_interleaved_pairs_time_the_baseline_then_the_fast_path(tiny_llama_dir):
+    timed = bench_pairs(str(tiny_llama_dir), "conflicts:1", baseline=str(REPO), pairs=2, n_steps=2)
+    assert len(timed) == 2
+    assert all(old > 0 and new > 0 for old, new in timed)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--pairs", "2", "--data", "conflicts:1"], "give --baseline DIR and --data"),
+    (["--pairs", "2", "--baseline", str(REPO)], "give --baseline DIR and --data"),
+    (["--pairs", "-1"], "give a number of pairs"),
+])
+def test_pairs_need_a_baseline_and_data_rows(flags, message, capsys):
+    from ircan_serve.cli import main
+
+    assert main(["bench", "attribution", "--lengths", *flags]) == 2
+    assert message in capsys.readouterr().err

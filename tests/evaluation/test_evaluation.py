@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from ircan_serve.config import SelectionConfig
+from ircan_serve.data import load_examples
+from ircan_serve.errors import IrcanError
+from ircan_serve.evaluation.methods import Setting, build_methods, opinion_prompt
+from ircan_serve.evaluation.report import write_report
+from ircan_serve.evaluation.runner import evaluate, run_method, summarize
+from ircan_serve.generation import greedy_generate, naive_cad_generate
+from ircan_serve.units import Unit, UnitSet
+
+NEURONS = UnitSet(neurons=[Unit(layer=1, index=3), Unit(layer=0, index=7)],
+                    selection=SelectionConfig(num_neurons=2), n_examples=1)
+
+
+def test_cached_cad_equals_naive_cad(tiny_llama, conflicts):
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    rows = conflicts[:5]
+    prompts, plain = [e.prompt for e in rows], [e.prompt_without_context for e in rows]
+    fast = greedy_generate(model, tok, prompts, 6, cad_alpha=0.5, prompts_without_context=plain, batch_size=5)
+    slow = naive_cad_generate(model, tok, prompts, plain, 6, cad_alpha=0.5)
+    assert fast == slow
+    # alpha = 0 is plain greedy decoding, which transformers' generate also gives
+    ids = torch.tensor([tok(prompts[0])["input_ids"]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         pad_token_id=tok.eos_token_id)
+    assert greedy_generate(model, tok, prompts[:1], 6)[0] == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_every_method_runs_on_each_task(tmp_path, tiny_llama, conflicts):
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    kre = tmp_path / "k.json"
+    kre.write_text(json.dumps([{"question": "Where do fish live?", "choices": ["sea", "desert", "sky", "tree", "car"],
+                                "negative_context": "Fish live in the desert.", "candidate": "B", "answer": "A"}] * 3))
+    mc = load_examples(kre).examples
+    methods = build_methods(["original", "ircan", "cad", "ircan+cad", "instruction", "ircan+instruction", "opinion",
+                             "erase", "shrink", "random-enhance"], Setting(NEURONS.scaled(3.0), 2, 256, seeds=2))
+    assert [m.seed for m in methods if m.name == "random-enhance"] == [0, 1]
+    for rows in (conflicts[:4], mc):
+        for m in methods:
+            r = run_method(model, tok, rows, m, alpha=0.5)
+            assert r.first_token.n == len(rows)
+            assert (r.generation is None) == (rows[0].task == "multiple_choice")
+    assert opinion_prompt(mc[0]).endswith("in Bob's opinion?\nAnswer:")
+    with pytest.raises(IrcanError, match="unknown method"):
+        build_methods(["magic"], Setting(NEURONS.scaled(2.0), 2, 256, 1))
+
+
+def test_interrupted_eval_keeps_results_and_resumes(tmp_path, tiny_llama, conflicts, monkeypatch):
+    import ircan_serve.evaluation.runner as runner
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    methods = build_methods(["original", "ircan", "erase"], Setting(NEURONS.scaled(2.0), 2, 256, 1))
+    original = runner.run_method
+    calls = []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[3].name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_method", dying)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tok, conflicts[:4], methods, tmp_path, {"s": 1}, progress=False)
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert [m["method"] for m in kept["methods"]] == ["original", "ircan"]
+    calls.clear()
+    monkeypatch.setattr(runner, "run_method", lambda *a, **k: (calls.append(a[3].name), original(*a, **k))[1])
+    data = evaluate(model, tok, conflicts[:4], methods, tmp_path, {"s": 1}, progress=False)
+    assert calls == ["erase"] and len(data["methods"]) == 3
+    assert data["side_effects"]["top1_agreement"] <= 1.0
+    with pytest.raises(IrcanError, match="other settings"):
+        evaluate(model, tok, conflicts[:4], methods, tmp_path, {"s": 2}, progress=False)
+    report = write_report(data, tmp_path, "tiny", neurons=[n.model_dump() for n in NEURONS.neurons], n_layers=2)
+    text = report.read_text()
+    assert "| ircan |" in text and "Side effects" in text
+    assert (tmp_path / "neuron_layers.png").is_file() and (tmp_path / "ablations.png").is_file()
+    rows = {r["method"]: r for r in summarize(data)}
+    assert set(rows) == {"original", "ircan", "erase"}
+    # intervals on every accuracy, the paired test against the original on the same rows
+    lo, hi = rows["ircan"]["first_token.accuracy.ci"]
+    assert lo <= rows["ircan"]["first_token.accuracy"] <= hi
+    assert 0 <= rows["ircan"]["first_token.p_value"] <= 1 and "first_token.p_value" not in rows["original"]
+    assert rows["ircan"]["agreeing.accuracy"] is not None and "agreeing-context accuracy" in text
+
+
+def test_empty_test_split_is_an_error(tmp_path, tiny_llama):
+    with pytest.raises(IrcanError, match="no rows"):
+        evaluate(tiny_llama.model, tiny_llama.tokenizer, [], [], tmp_path, {})

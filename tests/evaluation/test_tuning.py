@@ -1,0 +1,97 @@
+import torch
+
+from ircan_serve.config import SelectionConfig, load_recipe, write_recipe_choice
+from ircan_serve.evaluation.metrics import agreement, first_token_score
+from ircan_serve.evaluation.tuning import tune
+from ircan_serve.generation import next_token_logits
+from ircan_serve.units import Unit, UnitSet
+
+
+def test_left_padded_batch_equals_one_by_one(tiny_llama, conflicts):
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    prompts = [e.prompt for e in conflicts[:5]] + ["Question: x?\nAnswer:"]
+    batched = next_token_logits(model, tok, prompts, batch_size=6)
+    for i, p in enumerate(prompts):
+        single = model(torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
+        torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-4)
+
+
+def test_first_token_score_counts_answers(tiny_llama, conflicts):
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    s = first_token_score(model, tok, conflicts[:8])
+    assert s.n == 8 and 0 <= s.accuracy <= 1 and s.accuracy + s.stubbornness <= 1
+    # forcing the memorized answer as "the context's answer" swaps the two rates
+    swapped = [e.model_copy(update={"answer": e.memorized, "memorized": e.answer}) for e in conflicts[:8]]
+    t = first_token_score(model, tok, swapped)
+    assert (t.accuracy, t.stubbornness) == (s.stubbornness, s.accuracy)
+
+
+def test_agreement_with_itself_is_perfect(tiny_llama, conflicts):
+    prompts = [e.prompt_without_context for e in conflicts[:4]]
+    ref = next_token_logits(tiny_llama.model, tiny_llama.tokenizer, prompts)
+    agree, kl = agreement(tiny_llama.model, tiny_llama.tokenizer, prompts, ref)
+    assert agree == 1.0 and abs(kl) < 1e-6
+
+
+def test_tune_grid_choice_and_restored_weights(tiny_llama, conflicts):
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    neurons = UnitSet(neurons=[Unit(layer=1, index=i, effect=(-1) ** i) for i in range(4)],
+                        selection=SelectionConfig(num_neurons=4), n_examples=1)
+    result = tune(model, tok, neurons, conflicts[:6], hs=[1, 2, 9], betas=[0.0, 2.0, 500.0],
+                  min_agreement=0.5, max_drop=1.0, progress=False)
+    # signed takes only beta > 1; beta = 1 would be the original
+    assert [(p.rule, p.h, p.beta) for p in result.grid] == (
+        [("paper", h, b) for h in (1, 2) for b in (0.0, 2.0, 500.0)]
+        + [("signed", h, b) for h in (1, 2) for b in (2.0, 500.0)])
+    assert result.best is not None and not result.best.collapsed and result.best.beta > 1
+    assert all(result.best.dev.accuracy >= p.dev.accuracy for p in result.grid if not p.collapsed and p.beta > 1)
+    assert result.best_shrink is None or result.best_shrink.beta < 1
+    for p in result.grid:
+        assert p.collapsed == (p.agreement < 0.5)
+    # the shipped rows carry agreeing contexts, so the side check is measured at every point
+    assert result.original_checks.agreeing is not None
+    assert all((p.checks.agreeing is not None) == (p.agreement >= 0.5) for p in result.grid)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_choice_written_into_recipe_keeps_comments(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('# my recipe\nmodel = "smollm2"\nbeta = 5.0\n\n[selection]\n# h\nnum_neurons = 9\n')
+    write_recipe_choice(recipe, 3, 1.5)
+    text = recipe.read_text()
+    assert "# my recipe" in text and "# h" in text
+    r = load_recipe(recipe)
+    assert r.beta == 1.5 and r.selection.num_neurons == 3
+    bare = tmp_path / "b.toml"
+    bare.write_text('model = "smollm2"\n[attribution]\nn_steps = 4\n')
+    write_recipe_choice(bare, 2, 0.5)
+    r = load_recipe(bare)
+    assert (r.beta, r.selection.num_neurons, r.attribution.n_steps) == (0.5, 2, 4)
+
+
+def test_side_check_drop_collapses_a_point(tiny_llama, conflicts):
+    from ircan_serve.evaluation.tuning import SideChecks, collapse_reason
+
+    base = SideChecks(locality=0.9, agreeing=0.8)
+    assert collapse_reason(0.95, SideChecks(locality=0.89, agreeing=0.8), base, 0.8, 0.02) == ""
+    assert "locality" in collapse_reason(0.95, SideChecks(locality=0.85, agreeing=0.8), base, 0.8, 0.02)
+    assert "agreeing" in collapse_reason(0.95, SideChecks(locality=0.9, agreeing=0.7), base, 0.8, 0.02)
+    assert "agreement" in collapse_reason(0.5, base, base, 0.8, 0.02)
+
+
+def test_last_position_logits_equal_all_positions(tiny_llama, conflicts):
+    prompts = [e.prompt for e in conflicts[:6]]
+    fast = next_token_logits(tiny_llama.model, tiny_llama.tokenizer, prompts, batch_size=4)
+    full = next_token_logits(tiny_llama.model, tiny_llama.tokenizer, prompts, batch_size=4, all_positions=True)
+    torch.testing.assert_close(fast, full)
+
+
+def test_rule_written_into_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "smollm2"\n[selection]\nnum_neurons = 9\n')
+    write_recipe_choice(recipe, 3, 2.0, "signed")
+    assert load_recipe(recipe).selection.rule == "signed"
+    write_recipe_choice(recipe, 3, 2.0, "paper")
+    assert load_recipe(recipe).selection.rule == "paper"
