@@ -71,3 +71,17 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def eos_token_ids(folder: str | Path) -> list[int]:
+    """The end-of-sequence token ids of the model in ``folder`` (its generation config, else its
+    config); empty when neither says."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                return [int(v) for v in (value if isinstance(value, list) else [value])]
+    return []

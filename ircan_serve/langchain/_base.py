@@ -24,6 +24,7 @@ from pydantic import Field, SecretStr
 
 from ..errors import IrcanError
 from ..prompts import PromptTemplate
+from ._cad import CadDecoding
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
@@ -85,7 +86,7 @@ async def aguarded(base_url: str | None, chunks: AsyncIterator[Any]) -> AsyncIte
             yield chunk
 
 
-class IrcanEndpoint:
+class IrcanEndpoint(CadDecoding):
     """Fields and helpers shared by :class:`~ircan_serve.langchain.ChatIrcan` and
     :class:`~ircan_serve.langchain.IrcanLLM` (mixed in before their ``langchain-openai`` base)."""
 
@@ -125,11 +126,18 @@ class IrcanEndpoint:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, base_url: str, **kwargs: Any) -> Any:
         """A wrapper for the server of an exported checkpoint: model name and template from its manifest."""
-        from ..checkpoint.manifest import Manifest
+        from ..checkpoint.manifest import Manifest, eos_token_ids
 
         manifest = Manifest.load(checkpoint)
-        return cls(model=manifest.served_model_name, base_url=base_url,  # type: ignore[call-arg]  # pydantic aliases
-                   prompt_template=manifest.prompt_template, **kwargs)
+        kwargs.setdefault("cad_eos_token_ids", eos_token_ids(checkpoint) or None)
+        kwargs.setdefault("prompt_template", manifest.prompt_template)
+        return cls(model=manifest.served_model_name, base_url=base_url, **kwargs)  # type: ignore[call-arg]  # aliases
+
+    def _template_for_cad(self) -> PromptTemplate:
+        if self.prompt_template is None:
+            raise IrcanError("CAD renders the prompt with and without the context, so it needs the checkpoint's "
+                             "prompt_template: build the wrapper with from_checkpoint(...) or pass prompt_template")
+        return self.prompt_template
 
     def _with_context(self, question: str, context: str | None) -> str:
         """The RAG prompt for ``question``: the template's context slot filled, if a context is given."""
@@ -147,25 +155,42 @@ class IrcanEndpoint:
         raise NotImplementedError
 
     def _generate(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any) -> Any:
-        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        context = kwargs.pop("context", None)
+        if self.cad_alpha is not None:
+            with translate_errors(self.openai_api_base):
+                return self._cad_generate(inputs, context, stop, run_manager)
+        inputs = self._with_slot(inputs, context)
         with translate_errors(self.openai_api_base):
             return super()._generate(inputs, stop=stop, run_manager=run_manager, **kwargs)  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
 
     async def _agenerate(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
                          **kwargs: Any) -> Any:
-        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        context = kwargs.pop("context", None)
+        if self.cad_alpha is not None:
+            with translate_errors(self.openai_api_base):
+                return await self._cad_agenerate(inputs, context, stop, run_manager)
+        inputs = self._with_slot(inputs, context)
         with translate_errors(self.openai_api_base):
             return await super()._agenerate(inputs, stop=stop, run_manager=run_manager, **kwargs)  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
 
     def _stream(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[Any]:
-        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        context = kwargs.pop("context", None)
+        if self.cad_alpha is not None:
+            yield from guarded(self.openai_api_base, self._cad_stream(inputs, context, stop, run_manager))
+            return
+        inputs = self._with_slot(inputs, context)
         yield from guarded(self.openai_api_base,
                            super()._stream(inputs, stop=stop, run_manager=run_manager, **kwargs))  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
 
     async def _astream(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[Any]:
-        inputs = self._with_slot(inputs, kwargs.pop("context", None))
+        context = kwargs.pop("context", None)
+        if self.cad_alpha is not None:
+            async for chunk in aguarded(self.openai_api_base, self._cad_astream(inputs, context, stop, run_manager)):
+                yield chunk
+            return
+        inputs = self._with_slot(inputs, context)
         async for chunk in aguarded(self.openai_api_base,
                                     super()._astream(inputs, stop=stop, run_manager=run_manager, **kwargs)):  # type: ignore[misc]  # a mixin: super() is the langchain-openai base
             yield chunk

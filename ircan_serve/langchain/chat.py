@@ -3,11 +3,15 @@ pointed at vLLM, plus the checkpoint's RAG context slot."""
 
 from __future__ import annotations
 
-from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from ..errors import IrcanError
+from ..serving.cad import CadClient, CadResult
 from ._base import IrcanEndpoint
 
 
@@ -50,6 +54,7 @@ class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]  # the mixin's
                 print(chunk.content, end="", flush=True)
     """
 
+    _cad: CadClient | None = PrivateAttr(default=None)
     temperature: float | None = 0.0
     """Sampling temperature (0: greedy, the setting IRCAN is evaluated with)."""
     max_tokens: int | None = Field(default=256, alias="max_completion_tokens")
@@ -74,3 +79,32 @@ class ChatIrcan(IrcanEndpoint, ChatOpenAI):  # type: ignore[misc]  # the mixin's
         if template is not None and template.system and not any(isinstance(m, SystemMessage) for m in messages):
             messages.insert(0, SystemMessage(content=template.system))
         return messages
+
+    def _cad_pair(self, messages: Any, context: str | None) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        """The chat messages with the context in the last human message, and the same messages
+        with that message rendered without it (the server applies the chat template to both)."""
+        from langchain_core.messages import convert_to_messages
+        from langchain_openai.chat_models.base import _convert_message_to_dict
+
+        template = self._template_for_cad()
+        messages = convert_to_messages(messages)
+        with_context = self._with_slot(messages, context)
+        last = max(i for i, m in enumerate(with_context) if isinstance(m, HumanMessage))
+        without = list(with_context)
+        without[last] = HumanMessage(content=template.render(_question_of(messages)))
+        return ([_convert_message_to_dict(m) for m in with_context], [_convert_message_to_dict(m) for m in without])
+
+    def _cad_output(self, texts: list[tuple[str, CadResult]]) -> ChatResult:
+        text, result = texts[0]
+        message = AIMessage(content=text, response_metadata={
+            "finish_reason": result.finish_reason, "model_name": self.model_name, "cad_alpha": self.cad_alpha,
+            "cad_changed_tokens": result.changed})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _cad_chunk(self, text: str) -> ChatGenerationChunk:
+        return ChatGenerationChunk(message=AIMessageChunk(content=text))
+
+
+def _question_of(messages: list[BaseMessage]) -> str:
+    """The text of the last human message (the question the context slot is filled around)."""
+    return next(m.text for m in reversed(messages) if isinstance(m, HumanMessage))

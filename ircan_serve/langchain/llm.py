@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_openai import OpenAI
+from pydantic import PrivateAttr
 
+from ..serving.cad import CadClient, CadResult
 from ._base import IrcanEndpoint
 
 
@@ -33,6 +36,7 @@ class IrcanLLM(IrcanEndpoint, OpenAI):  # type: ignore[misc]  # the mixin's fiel
             llm.batch(["1 + 1 =", "The sky is"])
     """
 
+    _cad: CadClient | None = PrivateAttr(default=None)
     temperature: float = 0.0
     """Sampling temperature (0: greedy, the setting IRCAN is evaluated with)."""
 
@@ -45,3 +49,16 @@ class IrcanLLM(IrcanEndpoint, OpenAI):  # type: ignore[misc]  # the mixin's fiel
         if isinstance(prompts, str):
             return self._with_context(prompts, context)
         return [self._with_context(p, context) for p in prompts]
+
+    def _cad_pair(self, prompt: str, context: str | None) -> tuple[str, str]:
+        """The prompt with the context and without it, as the checkpoint's template writes them."""
+        template = self._template_for_cad()
+        return template.render(prompt, context), template.render(prompt)
+
+    def _cad_output(self, texts: list[tuple[str, CadResult]]) -> LLMResult:
+        return LLMResult(generations=[[Generation(text=text, generation_info={
+            "finish_reason": result.finish_reason, "cad_changed_tokens": result.changed})] for text, result in texts],
+            llm_output={"model_name": self.model_name, "cad_alpha": self.cad_alpha})
+
+    def _cad_chunk(self, text: str) -> GenerationChunk:
+        return GenerationChunk(text=text)

@@ -3,14 +3,17 @@ answer. The retriever comes from :mod:`ircan_serve.retrieval` (local embeddings,
 
 from __future__ import annotations
 
+from typing import Any
+
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseLanguageModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.retrievers import BaseRetriever
-from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnablePassthrough
 
 from ..prompts import QA_TEMPLATE, PromptTemplate
 from ..retrieval import MiniLMEmbeddings, build_retriever, conflict_documents
+from ._base import IrcanEndpoint
 
 __all__ = ["MiniLMEmbeddings", "build_retriever", "conflict_documents", "first_line", "format_docs",
            "make_rag_chain"]
@@ -28,13 +31,24 @@ def make_rag_chain(retriever: BaseRetriever, llm: BaseLanguageModel,
                    template: PromptTemplate | None = None) -> Runnable:
     """question -> {"question", "context", "answer"}: retrieve, fill the template, ask, parse.
 
-    ``template`` defaults to the LLM's ``prompt_template`` (from the checkpoint's manifest).
+    An IRCAN wrapper gets the question and the retrieved context apart (its context slot renders
+    them with the checkpoint's template, and CAD needs both); any other model gets the prompt
+    rendered with ``template`` (default: the LLM's ``prompt_template``, else the QA template).
     """
     template = template or getattr(llm, "prompt_template", None) or QA_TEMPLATE
-    # The prompt is rendered by the same code as attribution's (ircan_serve.prompts), not by a
-    # second template engine; a chat model gets it as the user message, as ChatIrcan's context slot does.
-    prompt: Runnable[dict[str, str], str] = RunnableLambda(lambda x: template.render(x["question"], x["context"]))
-    answer = prompt | llm | StrOutputParser() | RunnableLambda(first_line)
+    slot = isinstance(llm, IrcanEndpoint) and llm.prompt_template == template
+
+    def ask(x: dict[str, str], config: RunnableConfig) -> Any:
+        if slot:
+            return llm.invoke(x["question"], config, context=x["context"])
+        return llm.invoke(template.render(x["question"], x["context"]), config)
+
+    async def aask(x: dict[str, str], config: RunnableConfig) -> Any:
+        if slot:
+            return await llm.ainvoke(x["question"], config, context=x["context"])
+        return await llm.ainvoke(template.render(x["question"], x["context"]), config)
+
+    answer = RunnableLambda(ask, afunc=aask) | StrOutputParser() | RunnableLambda(first_line)
     return (
         {"context": retriever | format_docs, "question": RunnablePassthrough()}
         | RunnablePassthrough.assign(answer=answer)

@@ -127,3 +127,54 @@ def test_tools_are_bound_into_the_request():
     payload = bound.bound._get_request_payload([HumanMessage("hi")], **bound.kwargs)
     assert payload["tools"][0]["function"]["name"] == "magic"
     assert payload["tool_choice"] == "required"  # vLLM: guided decoding, no tool parser needed
+
+
+def test_chat_context_slot_with_several_messages_and_a_system_message():
+    """The context goes into the *last* human message; the template's system message comes first
+    unless the conversation already has one; no human message to attach it to is an error."""
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    template = QA_TEMPLATE.model_copy(update={"chat": True, "system": "Use the context."})
+    chat = ChatIrcan(model="m", prompt_template=template)
+    history = [HumanMessage("Hi"), AIMessage("Hello!"), HumanMessage("Capital?")]
+    sent = chat._with_slot(history, "Lyon is the capital.")
+    assert [type(m).__name__ for m in sent] == ["SystemMessage", "HumanMessage", "AIMessage", "HumanMessage"]
+    assert sent[0].content == "Use the context." and sent[1].content == "Hi"
+    assert sent[3].content == "Context: Lyon is the capital.\nQuestion: Capital?\nAnswer:"
+    own = chat._with_slot([SystemMessage("Be brief."), HumanMessage("Capital?")], "Lyon.")
+    assert [m.content for m in own if isinstance(m, SystemMessage)] == ["Be brief."]
+    with pytest.raises(IrcanError, match="no human message"):
+        chat._with_slot([SystemMessage("Be brief.")], "Lyon.")
+    assert chat._with_slot(history, None)[1:] == history  # no context: the messages as they are
+
+
+def test_cad_needs_a_context_and_a_template_and_a_sane_alpha():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        IrcanLLM(model="m", cad_alpha=-1.0)
+    llm = IrcanLLM(model="m", base_url=DEAD_URL, cad_alpha=0.5, cad_eos_token_ids=[2], prompt_template=QA_TEMPLATE)
+    with pytest.raises(IrcanError, match="pass the context"):
+        llm.invoke("Capital?")
+    with pytest.raises(IrcanError, match="needs the checkpoint's prompt_template"):
+        IrcanLLM(model="m", base_url=DEAD_URL, cad_alpha=0.5, cad_eos_token_ids=[2]).invoke("Capital?", context="x")
+    with pytest.raises(IrcanConnectionError, match="ircan serve"):  # the CAD path translates errors too
+        IrcanLLM(model="m", base_url=DEAD_URL, max_retries=0, cad_alpha=0.5, cad_eos_token_ids=[2],
+                 prompt_template=QA_TEMPLATE).invoke("Capital?", context="Lyon.")
+    chat = ChatIrcan(model="m", prompt_template=QA_TEMPLATE.model_copy(update={"chat": True}))
+    with_context, without = chat._cad_pair([("human", "Capital?")], "Lyon is the capital.")
+    assert with_context[-1]["content"] == "Context: Lyon is the capital.\nQuestion: Capital?\nAnswer:"
+    assert without[-1]["content"] == "Question: Capital?\nAnswer:"
+
+
+def test_from_checkpoint_reads_the_eos_ids(tmp_path):
+    import json
+
+    from ircan_serve.checkpoint.manifest import MANIFEST
+
+    (tmp_path / MANIFEST).write_text(json.dumps({
+        "base_model": "b", "base_source": "b", "model_type": "llama", "served_model_name": "ckpt", "neurons": [],
+        "beta": 2.0, "files": {}}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    llm = IrcanLLM.from_checkpoint(tmp_path, base_url=DEAD_URL, cad_alpha=1.0)
+    assert llm.cad_eos_token_ids == [2, 7] and llm.model_name == "ckpt" and llm.cad_alpha == 1.0
