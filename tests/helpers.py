@@ -72,3 +72,14 @@ def real_tokenizer_dir(name: str, into: Path) -> Path:
         shutil.copy(source / "tokenizer_config.json", target / "tokenizer_config.json")
         (target / "tokenizer.json").write_bytes(lzma.decompress((source / "tokenizer.json.xz").read_bytes()))
     return target
+
+
+def teacher_forced_logprobs(model, prompt_ids, new_ids):
+    """(len(new_ids),) log-probabilities ``model`` gives each of ``new_ids`` after ``prompt_ids`` (1, T)."""
+    import torch
+
+    new = torch.as_tensor(list(new_ids), device=prompt_ids.device)
+    ids = torch.cat([prompt_ids, new[None]], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, new[:, None])[:, 0].cpu()

@@ -22,6 +22,7 @@ from ..errors import IrcanError
 from ..prompts import QA_TEMPLATE, PromptTemplate
 from ..units import UnitSet, unit_width, units_per_layer_of, weight_axis, weight_names
 from .manifest import MANIFEST, DatasetInfo, Manifest, sha256_file
+from .model_card import base_license, model_card
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def export_checkpoint(
     attribution: dict[str, Any] | None = None,
     prompt_template: PromptTemplate | None = QA_TEMPLATE,
     force: bool = False,
+    figures: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write the patched checkpoint of ``base_source`` to ``output`` and return its manifest.
 
@@ -176,6 +178,7 @@ def export_checkpoint(
         beta: one factor for every unit (0 erases them), or None to use each unit's scale
             (a set from :meth:`UnitSet.scaled`, e.g. the signed rule).
         output: the checkpoint folder; never replaced unless ``force``.
+        figures: what an evaluation measured, for the model card (``README.md``).
     """
     base = base_folder(base_source)
     output = Path(output)
@@ -191,12 +194,13 @@ def export_checkpoint(
         dataset=dataset, prompt_template=prompt_template, versions=_versions(), files={},
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    _build(base, output, units, config, manifest)
+    card = model_card(manifest, base_license(manifest.base_model, base), figures)
+    _build(base, output, units, config, manifest, card)
     log.info("exported %s (%d units, beta=%g)", output, len(units.neurons), beta)
     return manifest
 
 
-def _build(base: Path, output: Path, units: UnitSet, config: Any, manifest: Manifest) -> None:
+def _build(base: Path, output: Path, units: UnitSet, config: Any, manifest: Manifest, card: str) -> None:
     """Write the folder under a temporary name, then swap it in; on any failure the temporary
     folder goes and an existing checkpoint at ``output`` stays as it was."""
     targets = slice_targets(units, config)
@@ -220,6 +224,7 @@ def _build(base: Path, output: Path, units: UnitSet, config: Any, manifest: Mani
             raise IrcanError(f"{base} has no tensors {missing}; is it a {config.model_type} model?")
         manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        (tmp / "README.md").write_text(card)
         swap_in(tmp, output)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,11 +13,11 @@ import sys
 from types import ModuleType
 
 from ..errors import IrcanError
-from . import attribute, bench, conflicts, demo, eval, export, select, serve, tune, verify
+from . import attribute, bench, conflicts, demo, eval, export, known, select, serve, tune, verify
 
 COMMANDS: dict[str, ModuleType] = {
     "attribute": attribute, "select": select, "export": export, "verify": verify, "serve": serve,
-    "tune": tune, "eval": eval, "conflicts": conflicts, "demo": demo, "bench": bench,
+    "tune": tune, "eval": eval, "conflicts": conflicts, "known": known, "demo": demo, "bench": bench,
 }
 """Subcommand -> its module, in the order ``ircan --help`` lists them."""
 

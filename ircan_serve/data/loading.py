@@ -19,15 +19,24 @@ log = logging.getLogger(__name__)
 SHIPPED_SET = "conflicts"
 """The name of the hand-written conflict set that ships with the package."""
 
+SHIPPED = {
+    "conflicts": "conflicts.jsonl",
+    "counterfact-smollm2": "counterfact-smollm2.json",
+}
+"""Data sets that ship with the package (``ircan_serve/datasets``, see its NOTICE.md): name -> file."""
+
 
 def shipped_conflicts_path() -> Path:
     """The hand-written counterfactual QA set that ships with the package."""
-    return Path(str(resources.files("ircan_serve") / "datasets" / "conflicts.jsonl"))
+    return data_path(SHIPPED_SET)
 
 
 def data_path(source: str | Path) -> Path:
-    """The file a data source names: the shipped set's, or the path as given."""
-    return shipped_conflicts_path() if str(source) == SHIPPED_SET else Path(source)
+    """The file a data source names: a shipped data set's (:data:`SHIPPED`), or the path as given."""
+    name = str(source)
+    if name in SHIPPED:
+        return Path(str(resources.files("ircan_serve") / "datasets" / SHIPPED[name]))
+    return Path(source)
 
 
 def read_rows(path: Path) -> list[tuple[str, Any]]:

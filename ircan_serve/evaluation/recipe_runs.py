@@ -14,7 +14,7 @@ from typing import Any
 
 from ..attribution import AttributionStore
 from ..config import Recipe, Rule, write_recipe_choice
-from ..data import ConflictExample
+from ..data import ConflictExample, data_path
 from ..errors import IrcanError
 from ..files import atomic_write
 from ..models import LoadedModel, load_model
@@ -67,7 +67,7 @@ def _test_rows(recipe: Recipe, lm: LoadedModel, test: str | None, data_format: s
     """(rows, short name, identity) of the test split: ``test``'s rows, or the recipe's test split."""
     if test:
         path = Path(test)
-        if recipe.data != "conflicts" and path.resolve() == Path(recipe.data_file()).resolve():
+        if path.resolve() == data_path(recipe.data_file()).resolve():
             raise IrcanError("--test is the recipe's attribution/tuning file; pass the test split "
                              "(or give the recipe [splits] and omit --test to use its test rows)")
         rows = load_checked_data(lm, str(path), data_format, skip_invalid=skip_invalid, limit=limit,

@@ -156,6 +156,7 @@ class IrcanEndpoint(CadDecoding):
 
     def _generate(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any) -> Any:
         context = kwargs.pop("context", None)
+        stop = stop or getattr(self, "stop", None)  # the wrapper's own stop sequences, as ChatOpenAI has them
         if self.cad_alpha is not None:
             with translate_errors(self.openai_api_base):
                 return self._cad_generate(inputs, context, stop, run_manager)
@@ -166,6 +167,7 @@ class IrcanEndpoint(CadDecoding):
     async def _agenerate(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
                          **kwargs: Any) -> Any:
         context = kwargs.pop("context", None)
+        stop = stop or getattr(self, "stop", None)  # the wrapper's own stop sequences, as ChatOpenAI has them
         if self.cad_alpha is not None:
             with translate_errors(self.openai_api_base):
                 return await self._cad_agenerate(inputs, context, stop, run_manager)
@@ -176,6 +178,7 @@ class IrcanEndpoint(CadDecoding):
     def _stream(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[Any]:
         context = kwargs.pop("context", None)
+        stop = stop or getattr(self, "stop", None)  # the wrapper's own stop sequences, as ChatOpenAI has them
         if self.cad_alpha is not None:
             yield from guarded(self.openai_api_base, self._cad_stream(inputs, context, stop, run_manager))
             return
@@ -186,6 +189,7 @@ class IrcanEndpoint(CadDecoding):
     async def _astream(self, inputs: Any, stop: list[str] | None = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[Any]:
         context = kwargs.pop("context", None)
+        stop = stop or getattr(self, "stop", None)  # the wrapper's own stop sequences, as ChatOpenAI has them
         if self.cad_alpha is not None:
             async for chunk in aguarded(self.openai_api_base, self._cad_astream(inputs, context, stop, run_manager)):
                 yield chunk

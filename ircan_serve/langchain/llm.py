@@ -37,6 +37,8 @@ class IrcanLLM(IrcanEndpoint, OpenAI):  # type: ignore[misc]  # the mixin's fiel
     """
 
     _cad: CadClient | None = PrivateAttr(default=None)
+    stop: list[str] | None = None
+    """Stop sequences for every request (a ``stop`` given to a call replaces them)."""
     temperature: float = 0.0
     """Sampling temperature (0: greedy, the setting IRCAN is evaluated with)."""
 

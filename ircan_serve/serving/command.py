@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,54 @@ def tool_call_parser(model_dir: str | Path, config: ServeConfig) -> str:
     return parser
 
 
+KV_SEQUENCES = 16
+"""Full-length sequences the CPU KV cache is sized for by default (fewer when memory is short)."""
+KV_SHARE = 0.25
+"""At most this share of the memory available at start goes to the CPU KV cache."""
+
+
+@dataclass(frozen=True)
+class CpuSizing:
+    """The KV cache ``ircan serve`` gives vLLM on a CPU, and why."""
+
+    kv_bytes: int
+    max_model_len: int
+    note: str
+
+
+def cpu_sizing(model_dir: str | Path, max_model_len: int | None, available: int | None = None) -> CpuSizing:
+    """Size vLLM's CPU KV cache from the model (bytes per token: 2 x layers x KV heads x head_dim x
+    4 in float32) and this machine's free memory, instead of a fixed share: room for
+    :data:`KV_SEQUENCES` sequences of ``max_model_len`` tokens (default: the model's own length,
+    at most 2048), at most :data:`KV_SHARE` of the memory available now, at least one sequence."""
+    import psutil
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size") or cfg.get("n_embd")) // heads
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    per_token = 2 * layers * kv_heads * head_dim * 4
+    length = max_model_len or min(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048, 2048)
+    free = available if available is not None else psutil.virtual_memory().available
+    one = per_token * length
+    if one > free * KV_SHARE:
+        raise IrcanError(f"one sequence of {length} tokens needs {one / 2**30:.2f} GiB of KV cache, more than "
+                         f"{KV_SHARE:.0%} of the {free / 2**30:.1f} GiB available; pass a smaller --max-model-len")
+    kv = min(one * KV_SEQUENCES, int(free * KV_SHARE))
+    note = (f"KV cache {kv / 2**30:.2f} GiB for {kv // one} sequences of {length} tokens "
+            f"({per_token / 1024:.0f} KiB per token; {free / 2**30:.1f} GiB available)")
+    return CpuSizing(kv, length, note)
+
+
+def _given(extra: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in extra)
+
+
 def build_command(model_dir: str | Path, config: ServeConfig, port: int, name: str) -> list[str]:
-    """The vLLM server command line for ``model_dir`` with ``config``."""
+    """The vLLM server command line for ``model_dir`` with ``config``. On a CPU the KV cache is
+    sized for the model and the machine (:func:`cpu_sizing`) unless a memory flag is given."""
     gpu = has_gpu()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -96,18 +143,21 @@ def build_command(model_dir: str | Path, config: ServeConfig, port: int, name: s
         "--generation-config", "vllm",
     ]
     dtype = config.dtype or (None if gpu else "float32")
-    mem = config.gpu_memory_utilization or (None if gpu else 0.2)
     eager = config.enforce_eager if config.enforce_eager is not None else not gpu
+    max_len = config.max_model_len
     if dtype:
         cmd += ["--dtype", dtype]
-    if mem:
-        cmd += ["--gpu-memory-utilization", str(mem)]
+    if config.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+    elif not gpu and not _given(config.extra_args, "--kv-cache-memory-bytes"):
+        sizing = cpu_sizing(model_dir, max_len)
+        max_len = sizing.max_model_len
+        cmd += ["--kv-cache-memory-bytes", str(sizing.kv_bytes)]
+        log.info("vLLM on CPU: %s", sizing.note)
     if eager:
         cmd.append("--enforce-eager")
-    if config.max_model_len:
-        cmd += ["--max-model-len", str(config.max_model_len)]
+    if max_len:
+        cmd += ["--max-model-len", str(max_len)]
     if config.enable_tools:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser(model_dir, config)]
     return cmd + list(config.extra_args)  # the API key goes in the environment (see VLLMServer.start)
-
-

@@ -119,8 +119,10 @@ class VLLMServer:
         self.port = self.config.port or free_port(self.config.host)
         if self.config.port:
             _check_port(self.config.host, self.port)
-        self.log_path = Path(log_path) if log_path else Path(
-            tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
+        given = log_path or self.config.log_file
+        self._own_log = not given  # a temporary log goes after a good run, stays after a failure
+        self._started = False
+        self.log_path = Path(given) if given else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
         self.command = build_command(self.model_dir, self.config, self.port, self.model_name)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
@@ -158,6 +160,7 @@ class VLLMServer:
                 self.stop()
                 raise
             log.info("vLLM ready at %s (model %s)", self.base_url, self.model_name)
+            self._started = True
             return self
         raise AssertionError("unreachable")
 
@@ -206,6 +209,7 @@ class VLLMServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        clean = self._own_log and self._started and proc.poll() is None  # a good run ends: its log goes
         if proc.poll() is None:
             for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
                 try:
@@ -224,6 +228,8 @@ class VLLMServer:
             except ProcessLookupError:
                 break
             time.sleep(0.1)
+        if clean:
+            self.log_path.unlink(missing_ok=True)
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """An OpenAI client for this server."""

@@ -305,3 +305,28 @@ def test_recipe_export_reloads_with_reweighted_logits(patched_smollm2, smollm2):
             expected = smollm2.model(**ids).logits
         got = patched.model(**ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_export_writes_a_model_card(tmp_path, tiny_llama_dir):
+    """README.md with the Hub's front matter (base model, the base's licence, tags), the units and
+    their factors, the data, how to serve it; figures when an evaluation is given."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    figures = {"rows": 12, "where": "test split", "methods": [
+        {"method": "original", "accuracy": 0.25, "ci": [0.09, 0.53], "difference": None, "p_value": None},
+        {"method": "ircan", "accuracy": 0.5, "ci": [0.25, 0.75], "difference": 0.25, "p_value": 0.031}]}
+    out = tmp_path / "p"
+    export_checkpoint(str(base), NEURONS, 3.0, out, base_model="tiny-base", figures=figures)
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model: tiny-base" in front and "license: mit" in front and "- ircan" in front
+    assert "| neuron | 1 | 5 | x3 |" in card and "ircan serve p" in card and "vllm serve ./p" in card
+    assert "| ircan | 0.500 | [0.250, 0.750] | +0.250 (p = 0.031) |" in card
+    assert verify_checkpoint(out, base=str(base)).ok
+    plain = tmp_path / "q"
+    export_checkpoint(str(tiny_llama_dir), NEURONS, 3.0, plain)
+    assert "license: other" in (plain / "README.md").read_text()
+    assert "Not evaluated" in (plain / "README.md").read_text()

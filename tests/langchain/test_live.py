@@ -1,13 +1,31 @@
 """LangChain wrappers against the live vLLM server: the standard integration suite for the chat
 model, the string LLM contract, and the RAG chain."""
 
+import traceback
+from contextlib import contextmanager
+
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from helpers import API_KEY
 from ircan_serve.langchain import ChatIrcan, IrcanConnectionError, IrcanLLM
 
-pytestmark = pytest.mark.server
+
+class ModelLimit(Exception):
+    """A standard test failed exactly where the 135M model is known to fall short."""
+
+
+@contextmanager
+def known_limit(where: str):
+    """Turn an AssertionError into :class:`ModelLimit` only when it failed at ``where`` (the
+    failing source line, or text in the message); any other failure stays a failure."""
+    try:
+        yield
+    except AssertionError as e:
+        line = traceback.extract_tb(e.__traceback__)[-1].line or ""
+        if where in line or where in str(e):
+            raise ModelLimit(f"{where}: {e}") from e
+        raise
 
 
 class TestChatIrcanLive(ChatModelIntegrationTests):
@@ -47,16 +65,18 @@ class TestChatIrcanLive(ChatModelIntegrationTests):
     def test_structured_output_optional_param(self, model):
         super().test_structured_output_optional_param(model)
 
-    @pytest.mark.xfail(strict=True, raises=AssertionError,
-                       reason="SmolLM2-135M does not answer from the tool's result in the agent loop")
+    @pytest.mark.xfail(strict=True, raises=ModelLimit,
+                       reason="SmolLM2-135M does not call the tool itself in the agent loop (tool_choice auto)")
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     def test_agent_loop(self, model):
-        super().test_agent_loop(model)
+        with known_limit('assert any(block["type"] == "tool_call" for block in content_blocks)'):
+            super().test_agent_loop(model)
 
-    @pytest.mark.xfail(strict=True, raises=AssertionError,
+    @pytest.mark.xfail(strict=True, raises=ModelLimit,
                        reason="SmolLM2-135M does not copy the Chinese text into the tool's argument")
     def test_unicode_tool_call_integration(self, model, tool_choice=None, force_tool_call=True):
-        super().test_unicode_tool_call_integration(model)
+        with known_limit("Unicode characters not found"):
+            super().test_unicode_tool_call_integration(model)
 
     @pytest.fixture
     def model(self, request):  # built after _server has set the URL

@@ -8,15 +8,12 @@ with ``return_token_ids``, and the prompt ids vLLM reports are compared with
 import json
 
 import httpx
-import pytest
 
 from helpers import API_KEY
 from ircan_serve.checkpoint.manifest import Manifest
 from ircan_serve.data import load_examples
 from ircan_serve.langchain import ChatIrcan, IrcanLLM
 from ircan_serve.prompts import PromptTemplate, encode
-
-pytestmark = pytest.mark.server
 
 
 def _sent_request(wrapper, call) -> tuple[str, dict]:

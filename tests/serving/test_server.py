@@ -13,14 +13,12 @@ import httpx
 import pytest
 import torch
 
-from helpers import API_KEY
+from helpers import API_KEY, teacher_forced_logprobs
 from ircan_serve.checkpoint.manifest import Manifest
 from ircan_serve.errors import IrcanError
 from ircan_serve.reweight import reweighted
 from ircan_serve.serving import ServeConfig, VLLMServer, build_command
 from ircan_serve.units import UnitSet
-
-pytestmark = pytest.mark.server
 
 
 def _gone(pgid: int) -> bool:
@@ -53,16 +51,43 @@ def _wait_gone(pgid: int, seconds: float = 60) -> bool:
     return False
 
 
+TINY_CONFIG = '{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128}'
+
+
 def test_cpu_defaults_in_command(tmp_path):
+    (tmp_path / "config.json").write_text(TINY_CONFIG)
     cmd = build_command(tmp_path, ServeConfig(extra_args=["--max-num-seqs", "4"], api_key="secret"), 8001, "m")
     assert "secret" not in cmd and "--api-key" not in cmd  # the key travels in VLLM_API_KEY
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(cmd)
     assert "--host 127.0.0.1 --port 8001" in joined and "--generation-config vllm" in joined
     if not torch.cuda.is_available():
-        assert "--dtype float32" in joined and "--gpu-memory-utilization 0.2" in joined
-        assert "--enforce-eager" in cmd
+        assert "--dtype float32" in joined and "--kv-cache-memory-bytes" in joined
+        assert "--enforce-eager" in cmd and "--gpu-memory-utilization" not in joined
     assert cmd[-2:] == ["--max-num-seqs", "4"]
+
+
+def test_cpu_kv_cache_is_sized_for_the_model_and_the_memory(tmp_path, monkeypatch):
+    """Gemma 3 270M's shape: 18 layers, 1 KV head of 256 -> 36 KiB per float32 token. The cache
+    holds 16 sequences of 2048 tokens when memory allows, less when it is short, and a sequence
+    that does not fit is an error naming --max-model-len; a memory flag of the user's wins."""
+    from ircan_serve.serving.command import cpu_sizing
+
+    (tmp_path / "config.json").write_text('{"model_type": "gemma3_text", "num_hidden_layers": 18, '
+                                          '"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, '
+                                          '"max_position_embeddings": 32768}')
+    roomy = cpu_sizing(tmp_path, None, available=8 * 2**30)
+    assert roomy.max_model_len == 2048 and roomy.kv_bytes == 16 * 2048 * 36 * 1024
+    assert "16 sequences of 2048 tokens" in roomy.note
+    short = cpu_sizing(tmp_path, 1024, available=2**30)
+    assert short.kv_bytes == 2**30 // 4 and "7 sequences of 1024 tokens" in short.note
+    with pytest.raises(IrcanError, match="pass a smaller --max-model-len"):
+        cpu_sizing(tmp_path, 32768, available=2**30)
+    if not torch.cuda.is_available():
+        mine = build_command(tmp_path, ServeConfig(extra_args=["--kv-cache-memory-bytes", "1G"]), 8001, "m")
+        assert mine.count("--kv-cache-memory-bytes") == 1
+        share = build_command(tmp_path, ServeConfig(gpu_memory_utilization=0.5), 8001, "m")
+        assert "--kv-cache-memory-bytes" not in share and "--gpu-memory-utilization" in share
 
 
 def test_enable_tools_picks_the_familys_parser(tmp_path, patched_smollm2):
@@ -71,12 +96,12 @@ def test_enable_tools_picks_the_familys_parser(tmp_path, patched_smollm2):
     assert cmd[cmd.index("--enable-auto-tool-choice") + 1:][:2] == ["--tool-call-parser", "pythonic"]
     real_llama3 = tmp_path / "llama3"
     real_llama3.mkdir()
-    (real_llama3 / "config.json").write_text('{"model_type": "llama"}')
+    (real_llama3 / "config.json").write_text(TINY_CONFIG)
     (real_llama3 / "tokenizer.json").write_text('{"model": {"vocab": {}}, "added_tokens": [{"content": "<|python_tag|>"}]}')
     assert "llama3_json" in build_command(real_llama3, ServeConfig(enable_tools=True), 8001, "m")
     cmd = build_command(patched_smollm2, ServeConfig(enable_tools=True, tool_call_parser="hermes"), 8001, "m")
     assert "hermes" in cmd
-    (tmp_path / "config.json").write_text('{"model_type": "mamba"}')
+    (tmp_path / "config.json").write_text(TINY_CONFIG.replace("llama", "mamba"))
     with pytest.raises(IrcanError, match="no default tool-call parser.*--tool-call-parser"):
         build_command(tmp_path, ServeConfig(enable_tools=True), 8001, "m")
 
@@ -111,6 +136,7 @@ def test_busy_port_is_reported(patched_smollm2):
             VLLMServer(patched_smollm2, ServeConfig(port=port))
 
 
+@pytest.mark.server  # starts its own vLLM
 def test_server_dying_at_start_reports_log_and_leaves_no_process(tmp_path, patched_smollm2):
     broken = tmp_path / "broken"
     shutil.copytree(patched_smollm2, broken)
@@ -162,11 +188,12 @@ async def test_64_concurrent_streams_through_chatircan(vllm_server):
     assert all(r.strip() for r in results)
 
 
+@pytest.mark.server  # starts its own vLLM
 def test_port_taken_before_vllm_binds_is_retried_and_a_killed_vllm_breaks_the_stream_clearly(
         patched_smollm2, tmp_path, monkeypatch):
     """The port chosen for vLLM is taken before vLLM binds it: a new port is tried. Then vLLM is
     SIGKILLed mid-stream: the wrapper raises an openai connection error that names `ircan serve`
-    within its timeout, and stop() removes the rest of vLLM's process group."""
+    (the broken connection, not a timeout), and stop() removes the rest of vLLM's process group."""
     import openai
 
     from ircan_serve.langchain import ChatIrcan
@@ -190,11 +217,11 @@ def test_port_taken_before_vllm_binds_is_retried_and_a_killed_vllm_breaks_the_st
             assert next(stream).text is not None
             pgid = server.pid
             os.kill(pgid, signal.SIGKILL)
-            started = time.monotonic()
-            with pytest.raises(openai.APIConnectionError, match="ircan serve"):
+            with pytest.raises(openai.APIConnectionError, match="ircan serve") as broken:
                 for _ in stream:
                     pass
-            assert time.monotonic() - started < 30
+            # the broken connection itself is reported, not a wait that ran out
+            assert not isinstance(broken.value, openai.APITimeoutError), broken.value
         finally:
             server.stop()
     assert _wait_gone(server.pid, 15), [p.cmdline() for p in _group_processes(server.pid)]
@@ -217,6 +244,7 @@ def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smo
                         beta=manifest.beta)
     client = vllm_server.client()
     tok, model = smollm2.tokenizer, smollm2.model
+    shifts = []  # how far the served logprobs are from the *base* model's on the same tokens
     for prompt in PROMPTS:
         r = client.completions.create(model=vllm_server.model_name, prompt=prompt, max_tokens=8,
                                       temperature=0, logprobs=1,
@@ -233,8 +261,12 @@ def test_vllm_matches_transformers_reweighted_in_memory(vllm_server, patched_smo
         assert vllm_ids == new, prompt
         torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs), torch.tensor(logprobs),
                                    rtol=0, atol=2e-3)
+        served = torch.tensor(choice.logprobs.token_logprobs)
+        shifts.append((served - teacher_forced_logprobs(model, ids, new)).abs().max().item())
+    assert max(shifts) > 1e-2  # the served numbers are the patched model's, not the base's
 
 
+@pytest.mark.server  # starts its own vLLM
 def test_ircan_serve_cli_passes_flags_placed_anywhere_and_stops_on_sighup(tmp_path):
     proc, lines = _start_cli(["--max-num-seqs", "4", "smollm2", "--plain", "--served-model-name", "base"])
     try:
@@ -281,6 +313,7 @@ def _vllm_of(proc):
     return children[0]
 
 
+@pytest.mark.server  # starts its own vLLM
 def test_vllm_killed_makes_ircan_serve_exit_nonzero_with_no_process_left(tmp_path):
     proc, _ = _start_cli()
     try:
@@ -296,6 +329,7 @@ def test_vllm_killed_makes_ircan_serve_exit_nonzero_with_no_process_left(tmp_pat
             proc.kill()
 
 
+@pytest.mark.server  # starts its own vLLM
 def test_ircan_serve_killed_outright_takes_vllm_with_it(tmp_path):
     """SIGKILL cannot be handled: vLLM gets its parent-death signal and stops on its own."""
     proc, _ = _start_cli()
@@ -310,6 +344,7 @@ def test_ircan_serve_killed_outright_takes_vllm_with_it(tmp_path):
             os.killpg(vllm_group, signal.SIGKILL)
 
 
+@pytest.mark.server  # starts its own vLLM
 def test_sigterm_then_a_second_signal_during_shutdown_leaves_no_process(tmp_path):
     """SIGTERM starts the graceful stop; a second signal while vLLM shuts down kills its group at
     once instead of interrupting the cleanup."""
