@@ -115,7 +115,7 @@ def pytest_collection_modifyitems(items):
         names = set(getattr(item, "fixturenames", ()))
         if "vllm_server" in names:
             item.add_marker(pytest.mark.server)
-        elif names & {"smollm2", "patched_smollm2"}:
+        elif names & {"smollm2", "patched_smollm2", "gemma3", "patched_gemma3"}:
             item.add_marker(pytest.mark.e2e)
 
 
@@ -126,3 +126,11 @@ def real_tokenizers(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tokenizers")
     return lambda name: real_tokenizer_dir(name, root)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The second real model, Gemma 3 270M base (converted once to the cache by `make setup`)."""
+    from ircan_serve.models import load_model
+
+    return load_model("gemma3-270m")

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import IrcanError
 from .measure import PeakRSS, in_fresh_process
+from .official import official_worker
 from .rows import bench_examples, file_and_rows
 
 ATTRIBUTION_METHODS = ("fast", "full-stack", "reference")
@@ -28,6 +29,8 @@ each pass (ircan-serve 0.1's fast path); ``reference``: one layer at a time, ful
 SPEED_GOAL = 1.7
 """The fast path's goal against ircan-serve 0.1's fast path (``--baseline``, a checkout of it;
 without one the full-stack path stands in); the bench says what speed it needs."""
+
+EXTRA_COLUMNS = {"paper": "fast at riemann 20 s", "official": "official script s (all layers)"}
 
 WorkerResult = tuple[float, float, float, list[Any], float | None]
 """(mean prompt tokens, seconds per example, peak MiB, scores per example, FLOPs of the first)."""
@@ -86,7 +89,7 @@ def _full_stack(lm: Any, config: Any) -> Any:
 
 
 def attribution_worker(model_spec: str, source: str, method: str, layers: list[int], n_steps: int,
-                       count_flops: bool = True) -> WorkerResult:
+                       count_flops: bool = True, quadrature: str = "riemann") -> WorkerResult:
     """In a fresh process: load, warm up with the timed shapes, then time each example.
 
     Memory is the peak RSS above the level after loading the model, warm-up included, so each
@@ -102,7 +105,8 @@ def attribution_worker(model_spec: str, source: str, method: str, layers: list[i
 
     lm = load_model(model_spec)
     examples = bench_examples(lm.tokenizer, source)
-    config = AttributionConfig(method="reference" if method == "reference" else "fast", layers=layers, n_steps=n_steps)
+    config = AttributionConfig(method="reference" if method == "reference" else "fast", layers=layers, n_steps=n_steps,
+                               quadrature=quadrature)
     ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
     run = _full_stack(lm, config) if method == "full-stack" else (lambda e, c=config: ig.attribute(e, c).scores)
     warm = ((lambda e: ig.attribute(e, config.model_copy(update={"layers": layers[:1]})).scores)
@@ -152,14 +156,16 @@ def _row(source: str, layers: list[int], out: dict[str, WorkerResult]) -> Attrib
     return AttributionBench(
         label=source, tokens=out["fast"][0], layers=len(layers), examples=len(ref),
         seconds={m: o[1] for m, o in out.items()}, mib={m: o[2] for m, o in out.items()},
-        max_abs_diff={m: max(float(np.abs(a - b).max()) for a, b in zip(o[3], ref)) for m, o in out.items()},
+        max_abs_diff={m: max(float(np.abs(a - b).max()) for a, b in zip(o[3], ref))
+                      for m, o in out.items() if m not in ("paper", "official", "fast-all")},
         max_abs_score=max(float(np.abs(r).max()) for r in ref),
         flops={m: o[4] for m, o in out.items() if o[4] is not None},
     )
 
 
 def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
-                      reference_layers: int | None, baseline: str | None = None) -> list[AttributionBench]:
+                      reference_layers: int | None, baseline: str | None = None, quadrature: str = "riemann",
+                      official: str | None = None) -> list[AttributionBench]:
     """Time the three methods on the same examples and layers, each in its own process.
 
     ``sources``: ``len:N`` (a shipped question padded to ~N tokens) or ``FILE[:K]`` (its first K
@@ -176,16 +182,27 @@ def bench_attribution(model_spec: str, sources: list[str], n_steps: int,
     n_layers = AutoConfig.from_pretrained(resolve_model(model_spec)).num_hidden_layers
     timed_by_baseline = [s for s in sources if baseline and not s.startswith("len:")]  # data rows only
     rows = []
-    with tqdm(total=len(sources) * len(ATTRIBUTION_METHODS) + len(timed_by_baseline),
-              desc="bench attribution", unit="run") as bar:
+    paper = (quadrature, n_steps) != ("riemann", 20)
+    runs = len(sources) * (len(ATTRIBUTION_METHODS) + paper + bool(official)) + len(timed_by_baseline)
+    with tqdm(total=runs, desc="bench attribution", unit="run") as bar:
         for source in sources:
             layers = _layers_for(source, n_layers, reference_layers)
             out = {}
             for method in ATTRIBUTION_METHODS:
-                out[method] = in_fresh_process(attribution_worker, model_spec, source, method, layers, n_steps)
+                out[method] = in_fresh_process(attribution_worker, model_spec, source, method, layers, n_steps,
+                                               True, quadrature)
+                bar.update(1)
+            if paper:
+                out["paper"] = in_fresh_process(attribution_worker, model_spec, source, "fast", layers, 20, False)
                 bar.update(1)
             if baseline and source in timed_by_baseline:
                 out["baseline"] = baseline_worker(baseline, model_spec, source, layers, n_steps)
+                bar.update(1)
+            if official:  # the script scores every layer: so does the fast path it is compared with
+                out["official"] = official_worker(official, model_spec, source)
+                if len(layers) < n_layers:
+                    out["fast-all"] = in_fresh_process(attribution_worker, model_spec, source, "fast",
+                                                       list(range(n_layers)), n_steps, False, quadrature)
                 bar.update(1)
             rows.append(_row(source, layers, out))
     return rows
@@ -219,7 +236,13 @@ def add_arguments(b: Any) -> None:
     b.add_argument("--reference-layers", type=int, default=None,
                    help="score only this many layers (spread over the depth) in both methods; "
                         "default: all for prompts under 100 tokens, 3 above")
-    b.add_argument("--n-steps", type=int, default=20)
+    b.add_argument("--n-steps", type=int, default=20, help="integration points of the timed setting")
+    b.add_argument("--quadrature", default="riemann", choices=["riemann", "gauss-legendre"],
+                   help="the timed setting's quadrature; another than the paper's (riemann, 20) also times the "
+                        "fast path at the paper's setting")
+    b.add_argument("--official", metavar="DIR",
+                   help="also time the official IRCAN script (the root of github.com/danshi777/IRCAN; needs "
+                        "the jsonlines package) on the same rows, every layer")
     b.add_argument("--baseline", metavar="DIR",
                    help="also time the fast path of another checkout (its root, e.g. a `git worktree` of "
                         "an earlier commit) on the --data rows")
@@ -231,13 +254,15 @@ def add_arguments(b: Any) -> None:
 def _table(rows: list[AttributionBench], ns: Any) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"attribution, {ns.model}, m = {ns.n_steps}, one run; seconds per example, "
+    table = Table(title=f"attribution, {ns.model}, {ns.quadrature} {ns.n_steps} points, one run; seconds per example, "
                         "each method in its own process, peak = RSS above the loaded model")
     cols = ["examples", "prompt tokens", "layers", "reference s", "full-stack s", "fast s", "fast vs reference",
             "fast vs full-stack", "peak MiB ref / full / fast", "max |fast - ref| / max |score|",
             "GFLOP per example full / fast", "matmul GFLOP/s full / fast"]
     if ns.baseline:
         cols += ["baseline s", "fast vs baseline", "max |baseline - ref| / max |score|"]
+    extra = [m for m in ("paper", "official") if any(m in r.seconds for r in rows)]
+    cols += [c for m in extra for c in (EXTRA_COLUMNS[m], f"fast vs {m}")]
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
@@ -252,6 +277,9 @@ def _table(rows: list[AttributionBench], ns: Any) -> Any:
         if ns.baseline:
             cells += ([f"{r.seconds['baseline']:.2f}", f"{r.ratio('baseline'):.2f}x",
                        f"{r.max_abs_diff['baseline'] / r.max_abs_score:.1e}"] if "baseline" in r.seconds else ["-"] * 3)
+        for m in extra:
+            ours = r.seconds.get("fast-all", r.seconds["fast"]) if m == "official" else r.seconds["fast"]
+            cells += [f"{r.seconds[m]:.2f}", f"{r.seconds[m] / ours:.1f}x"] if m in r.seconds else ["-", "-"]
         table.add_row(*cells)
     return table
 
@@ -280,7 +308,7 @@ def main(ns: Any) -> None:
         raise IrcanError("--pairs times a baseline checkout against this one on data rows: "
                          "give --baseline DIR and --data FILE[:K] too")
     rows = bench_attribution(ns.model, [f"len:{n}" for n in ns.lengths] + list(ns.data), ns.n_steps,
-                             ns.reference_layers, ns.baseline)
+                             ns.reference_layers, ns.baseline, ns.quadrature, ns.official)
     console = Console(width=240)
     console.print(_table(rows, ns))
     peak = in_fresh_process(matmul_peak_gflops)
@@ -288,6 +316,10 @@ def main(ns: Any) -> None:
     if ns.pairs and ns.baseline:
         _print_pairs(console, ns)
     for r in rows:
+        if "official" in r.seconds:
+            ours = r.seconds.get("fast-all", r.seconds["fast"])
+            console.print(f"{r.label}: the official script {r.seconds['official']:.1f} s per example, this fast path "
+                          f"({ns.quadrature} {ns.n_steps}, every layer) {ours:.2f} s: {r.seconds['official'] / ours:.1f}x")
         against = "baseline" if "baseline" in r.seconds else "full-stack"
         need = r.flops["fast"] / (r.seconds[against] / SPEED_GOAL) / 1e9
         console.print(f"{r.label}: {SPEED_GOAL}x the {against} path needs the fast path's "

@@ -52,3 +52,25 @@ def test_pairs_need_a_baseline_and_data_rows(flags, message, capsys):
 
     assert main(["bench", "attribution", "--lengths", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_official_script_is_timed_by_its_own_timer(tmp_path, tiny_llama_dir):
+    """A stand-in for the IRCAN repository's script: the bench hands it the rows in MemoTrap's layout
+    and the paper's flags, and reads its per-run timer; the Gauss-Legendre setting is timed against
+    the paper's too."""
+    script = tmp_path / "IRCAN" / "src" / "1_calculate_attribution_completion.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(
+        "import sys, json\n"
+        "args = {a: sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a.startswith('--')}\n"
+        "assert '--no_cuda' in sys.argv and args['--batch_size'] == '20' and args['--batch_size_per_inference'] == '2'\n"
+        "rows = [json.loads(l) for l in open(args['--data_path'])]\n"
+        "assert all({'prompt', 'classes', 'answer_index'} <= set(r) for r in rows)\n"
+        "print('***** Costing time: %.1f seconds *****' % (3.0 * len(rows)))\n")
+    (row,) = bench_attribution(str(tiny_llama_dir), ["conflicts:2"], n_steps=4, reference_layers=None,
+                               quadrature="gauss-legendre", official=str(tmp_path / "IRCAN"))
+    assert row.seconds["official"] == 3.0 and row.seconds["paper"] > 0
+    assert row.max_abs_diff["fast"] <= 1e-4 * row.max_abs_score  # fast = reference at the timed setting
+    with pytest.raises(IrcanError, match="no src/1_calculate_attribution_completion.py there"):
+        bench_attribution(str(tiny_llama_dir), ["conflicts:1"], n_steps=2, reference_layers=None,
+                          official=str(tmp_path))
