@@ -49,6 +49,9 @@ class AttributionConfig(_Settings):
     layers: list[int] | None = Field(
         None, description="Decoder layers to score (default: all)."
     )
+    units: list[Literal["neuron", "head"]] = Field(
+        ["neuron"], description="Unit kinds to score: FFN neurons (the paper's) and/or attention heads "
+        "(ircan_serve/units.py:UNIT_KINDS); each kind is one more set of passes per example.")
 
 
 class SelectionConfig(_Settings):
@@ -61,6 +64,8 @@ class SelectionConfig(_Settings):
     num_neurons: int = Field(
         4, ge=1, description="h: keep the h neurons that occur in the most examples."
     )
+    num_heads: int = Field(0, ge=0, description="g: also keep the g attention heads kept most often "
+                           "(when heads were attributed, [attribution] units).")
     rule: Rule = Field(
         "signed",
         description="'paper': every selected neuron x beta; 'signed': x beta where the neuron's "
@@ -108,6 +113,10 @@ class Recipe(_Settings):
     prompt: PromptTemplate | None = Field(None, description="The RAG prompt ({context}, {question}; "
                                           "chat = true for the chat template); default: the format's own.")
     skip_invalid: bool = Field(False, description="Skip bad rows instead of stopping.")
+    contexts: list[str] = Field(["sentence"], description="Context formats the attribution and dev rows are "
+                                "built in, in turn (ircan_serve/data/contexts.py:CONTEXTS): a mix trains the "
+                                "units on the shapes users retrieve; the test rows are reported in each format.")
+    top_k: int = Field(4, ge=1, description="Documents per context in the 'topk' and 'irrelevant' formats.")
     beta: float = Field(
         5.0, ge=0, description="beta: factor on the selected down_proj columns (0 erases them); "
         "with the signed rule, 1/beta on the neurons that push away from the context's answer."
@@ -119,12 +128,19 @@ class Recipe(_Settings):
                                     "ray://HOST:10001) instead of starting a local one.")
     selection: SelectionConfig = SelectionConfig()
     output: str | None = Field(None, description="Checkpoint folder (default export/out/NAME).")
+    fitted: list[str] = Field([], description="Units with their own factors, as `ircan tune --fit` writes them "
+                              "(19:201x5 a neuron, h12:3x0 a head): exported instead of the h units x beta.")
     _folder: Path | None = PrivateAttr(None)
 
     @property
     def folder(self) -> Path | None:
         """The folder the recipe file is in (relative data paths are read from there)."""
         return self._folder
+
+    @property
+    def path(self) -> str:
+        """The recipe file, for messages (``recipe NAME`` when it was not read from a file)."""
+        return f"{self.folder / self.name}.toml" if self.folder is not None else f"recipe {self.name}"
 
     def data_file(self) -> str:
         """``data`` as a path to read: relative to the recipe's folder, or as given (absolute paths
@@ -155,9 +171,10 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe
 
 
-def write_recipe_choice(path: str | Path, h: int, beta: float, rule: str | None = None) -> None:
-    """Set ``beta`` (top level), ``[selection] num_neurons`` and ``rule`` in a recipe file,
-    keeping its comments and layout (tomlkit)."""
+def write_recipe_choice(path: str | Path, h: int, beta: float, rule: str | None = None, g: int | None = None,
+                        fitted: list[str] | None = None) -> None:
+    """Set ``beta`` (top level), ``[selection] num_neurons`` (and ``num_heads``) and ``rule`` in a
+    recipe file, keeping its comments and layout (tomlkit)."""
     import tomlkit
 
     from .files import atomic_write
@@ -165,10 +182,16 @@ def write_recipe_choice(path: str | Path, h: int, beta: float, rule: str | None 
     path = Path(path)
     doc = tomlkit.parse(path.read_text())
     doc["beta"] = float(beta)
+    if fitted:
+        doc["fitted"] = fitted
+    elif "fitted" in doc:  # a grid choice replaces an earlier fit
+        del doc["fitted"]
     if "selection" not in doc:
         doc["selection"] = tomlkit.table()
     selection = doc["selection"]
     selection["num_neurons"] = int(h)
+    if g is not None:
+        selection["num_heads"] = int(g)
     if rule:
         selection["rule"] = rule
     atomic_write(path, tomlkit.dumps(doc))

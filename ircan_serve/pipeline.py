@@ -25,7 +25,7 @@ from .files import atomic_write_json
 from .models import LoadedModel, load_model
 from .prompts import PromptTemplate
 from .selection import select_units
-from .units import UnitSet
+from .units import Unit, UnitSet
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,12 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
     are no test rows in the file.
 
     Raises:
-        IrcanError: too few rows for the splits (naming the file and the counts).
+        IrcanError: too few rows for the splits (naming the file and the counts); a chat recipe
+        on a tokenizer without a chat template (naming the recipe).
     """
+    if recipe.prompt is not None and recipe.prompt.chat and getattr(lm.tokenizer, "chat_template", None) is None:
+        raise IrcanError(f"{recipe.path}: [prompt] chat = true, but {recipe.model}'s tokenizer has no chat template; "
+                         "set chat = false (a completion prompt) or use an Instruct model")
     data = load_checked_data(lm, recipe.data_file(), recipe.data_format, skip_invalid=recipe.skip_invalid,
                              limit=None if recipe.splits else recipe.limit, template=recipe.prompt)
     rows, known = data.examples, None
@@ -125,6 +129,7 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
         cache = recipe_paths(recipe, out_root).store.with_name(f"{recipe.name}.known.json")
         rows, known = _known_rows(recipe, lm, rows, cache, progress)
     if recipe.splits is None:
+        rows = _in_formats(recipe, lm, rows, rows, data.template)
         return RecipeData(rows, rows, [], data.skipped, data.template, known)
     a, d = recipe.splits.attribution, recipe.splits.dev
     if len(rows) < a + d + 1:
@@ -134,7 +139,26 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
     test = rows[a + d:]
     if recipe.splits.test is not None:
         test = test[: recipe.splits.test]
-    return RecipeData(rows[:a], rows[a : a + d], test, data.skipped, data.template, known)
+    return RecipeData(_in_formats(recipe, lm, rows[:a], rows, data.template),
+                      _in_formats(recipe, lm, rows[a : a + d], rows, data.template), test, data.skipped,
+                      data.template, known)
+
+
+def _in_formats(recipe: Recipe, lm: LoadedModel, part: list[ConflictExample], corpus: list[ConflictExample],
+                template: PromptTemplate | None) -> list[ConflictExample]:
+    """``part`` with its contexts in the recipe's formats, in turn (as loaded for ``sentence``)."""
+    if recipe.contexts == ["sentence"] or template is None:
+        return part
+    from .data import renderer
+    from .data.contexts import ContextPool, mixed
+
+    return mixed(part, recipe.contexts, ContextPool(corpus, recipe.top_k), renderer(template, lm.tokenizer))
+
+
+def in_format(recipe: Recipe, lm: LoadedModel, rows: list[ConflictExample], corpus: list[ConflictExample],
+              name: str, template: PromptTemplate | None) -> list[ConflictExample]:
+    """``rows`` with every context in format ``name`` (the test split reported per format)."""
+    return _in_formats(recipe.model_copy(update={"contexts": [name]}), lm, rows, corpus, template)
 
 
 def attribute_rows(
@@ -184,6 +208,21 @@ class RecipeResult:
     skipped: list[str]
 
 
+def recipe_units(recipe: Recipe, records: list[Any]) -> UnitSet:
+    """The units the recipe exports: its ``fitted`` list (``ircan tune --fit``), or the h neurons and
+    g heads selected from ``records``, scaled by beta under the recipe's rule."""
+    if not recipe.fitted:
+        return select_units(records, recipe.selection).scaled(recipe.beta, recipe.selection.rule)
+    try:
+        units = [Unit.parse(text) for text in recipe.fitted]
+    except IrcanError as e:
+        raise IrcanError(f"{recipe.path}: fitted: {e} (rerun `ircan tune --fit`, or delete the list to use h and beta)"
+                         ) from None
+    n_examples = sum(getattr(r, "kind", "neuron") == "neuron" for r in records)
+    return UnitSet(neurons=units, selection=recipe.selection, n_examples=n_examples, rule="fitted",
+                   beta=max((u.scale or 1.0 for u in units), default=1.0))
+
+
 def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
                out_root: str | Path = "export/out") -> RecipeResult:
     """Attribute, select and export as ``recipe`` says; attribution resumes if interrupted."""
@@ -197,8 +236,8 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
                              store_header(lm, recipe.data, recipe.data_format), workers=recipe.workers,
                              address=recipe.ray_address, dtype=recipe.dtype, device=recipe.device,
                              progress=progress)
-    neurons = select_units(records, recipe.selection).scaled(recipe.beta, recipe.selection.rule)
     neurons_file = store / "neurons.json"
+    neurons = recipe_units(recipe, records)
     neurons.save(neurons_file)
     data_file = data_path(recipe.data_file())
     manifest = export_checkpoint(

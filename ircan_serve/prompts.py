@@ -33,6 +33,10 @@ class PromptTemplate(BaseModel):
         False, description="Chat mode: the text is the last user message, rendered with the "
         "model's chat template (as ChatIrcan sends it); otherwise a plain completion prompt.")
     system: str | None = Field(None, description="System message placed first in chat mode.")
+    reply_start: str | None = Field(
+        None, description="Chat mode: how the model's reply starts, with {question} (e.g. '{question}' when it "
+        "repeats the sentence it completes). Attribution, tuning and evaluation score the answer token "
+        "after it, where the model decides; served replies write it themselves.")
 
     @model_validator(mode="after")
     def _check_slots(self) -> PromptTemplate:
@@ -42,7 +46,10 @@ class PromptTemplate(BaseModel):
         if "{question}" not in self.without_context or "{context}" in self.without_context:
             raise ValueError("the template without context needs {question} and no {context}: "
                              f"{self.without_context!r}")
-        for text in (self.with_context, self.without_context):
+        if self.reply_start is not None and not self.chat:
+            raise ValueError("reply_start is for chat mode (chat = true): a completion prompt already ends where "
+                             "the answer starts")
+        for text in (self.with_context, self.without_context, self.reply_start or ""):
             try:
                 text.format(context="", question="")
             except (KeyError, IndexError, ValueError) as e:
@@ -67,15 +74,17 @@ class PromptTemplate(BaseModel):
             return self.render(question, context)
         if getattr(tokenizer, "chat_template", None) is None:
             raise IrcanError("chat mode needs a tokenizer with a chat template; this one has none")
-        return str(tokenizer.apply_chat_template(self.messages(question, context), tokenize=False,
+        text = str(tokenizer.apply_chat_template(self.messages(question, context), tokenize=False,
                                                  add_generation_prompt=True))
+        return text + self.reply_start.format(question=question) if self.reply_start else text
 
     def continuation(self, answer: str) -> str:
         """``answer`` as the model would write it after the prompt (' Lyon', or 'Lyon' in chat)."""
         text = str(answer).strip()
         if not text:
             return ""
-        return text if self.chat or self.with_context.endswith((" ", "\n")) else " " + text
+        ends_open = self.with_context.endswith((" ", "\n")) if not self.chat else not self.reply_start
+        return text if ends_open else " " + text
 
 
 QA_TEMPLATE = PromptTemplate(
@@ -112,3 +121,9 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 INSTRUCTION = "Answer using only the information given in the context, even if it contradicts what you know."
 """The prompt baseline users already have: an instruction to rely on the context (``ircan eval``'s
 ``instruction`` method, and a recipe's template when it serves the instruction)."""
+
+
+def instructed(template: PromptTemplate) -> PromptTemplate:
+    """``template`` with :data:`INSTRUCTION` before the context (inside the user message in chat
+    mode); prompts without a context are unchanged."""
+    return template.model_copy(update={"with_context": f"{INSTRUCTION}\n{template.with_context}"})

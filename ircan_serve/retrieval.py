@@ -4,7 +4,7 @@ vector store, for the RAG chain, the demo and the top-k context builder."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,3 +79,11 @@ def build_retriever(documents: list[Document], embeddings: Embeddings | None = N
     store = InMemoryVectorStore(embeddings or MiniLMEmbeddings())
     store.add_documents(documents)
     return store.as_retriever(search_kwargs={"k": k})
+
+
+def embed_index(documents: list[Document], embeddings: Embeddings | None = None) -> Callable[[str, int], list[str]]:
+    """(query, k) -> the ids of the ``k`` documents nearest to ``query``: the same store and
+    embeddings as :func:`build_retriever`, so a context built from it is what the RAG chain retrieves."""
+    store = InMemoryVectorStore(embeddings or MiniLMEmbeddings())
+    store.add_documents(documents)
+    return lambda query, k: [str(d.metadata["id"]) for d in store.similarity_search(query, k=k)]

@@ -54,22 +54,14 @@ def _six_digits(value: float) -> float:
     return float(f"{float(value):.6g}")
 
 
-def select_units(
-    records: Iterable[Attribution | torch.Tensor], config: SelectionConfig = SelectionConfig()
-) -> UnitSet:
-    """The ``h`` units kept most often over all examples.
-
-    ``records`` are attribution results of one unit kind (their effects are summed too, when they
-    hold activations) or bare (n_layers, units) score tensors of neurons (no effects).
-    """
+def _select_kind(records: list[Attribution | torch.Tensor], config: SelectionConfig, keep: int) -> list[Unit]:
+    """The ``keep`` units of one kind kept most often over its records (with their summed effects)."""
     counts: dict[tuple[int, int], int] = defaultdict(int)
     sums: dict[tuple[int, int], float] = defaultdict(float)
     effect_sum = None
     has_effects = True
     kind = "neuron"
-    n = 0
     for record in records:
-        n += 1
         if isinstance(record, Attribution):
             scores, kind = record.unit_scores(), record.kind
             if has_effects and record.activations_with is not None:
@@ -82,12 +74,28 @@ def select_units(
         for layer, index, value in example_top_units(scores, config.threshold, config.top_z):
             counts[(layer, index)] += 1
             sums[(layer, index)] += value
-    if n == 0:
-        raise IrcanError("no attribution scores to select from")
     ranked = sorted(counts, key=lambda k: (-counts[k], -sums[k] / counts[k], k))
-    units = [
+    return [
         Unit(kind=kind, layer=k[0], index=k[1], count=counts[k], mean_score=_six_digits(sums[k] / counts[k]),
              effect=_six_digits(float(effect_sum[k])) if has_effects and effect_sum is not None else None)
-        for k in ranked[: config.num_neurons]
+        for k in ranked[:keep]
     ]
-    return UnitSet(neurons=units, selection=config, n_examples=n)
+
+
+def select_units(
+    records: Iterable[Attribution | torch.Tensor], config: SelectionConfig = SelectionConfig()
+) -> UnitSet:
+    """The ``h`` neurons (and ``g`` heads) kept most often over all examples.
+
+    ``records`` are attribution results, of one or both unit kinds (effects are summed too, when
+    they hold activations), or bare (n_layers, d_ff) score tensors of neurons (no effects). Each
+    kind is counted apart: per example its units >= t * its max, its top z.
+    """
+    by_kind: dict[str, list[Attribution | torch.Tensor]] = defaultdict(list)
+    for record in records:
+        by_kind[record.kind if isinstance(record, Attribution) else "neuron"].append(record)
+    if not by_kind:
+        raise IrcanError("no attribution scores to select from")
+    keep = {"neuron": config.num_neurons, "head": config.num_heads}
+    units = [u for kind in ("neuron", "head") if kind in by_kind for u in _select_kind(by_kind[kind], config, keep[kind])]
+    return UnitSet(neurons=units, selection=config, n_examples=max(len(v) for v in by_kind.values()))

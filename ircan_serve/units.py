@@ -147,6 +147,23 @@ class Unit(BaseModel):
         """``19:201`` for a neuron, ``h12:3`` for a head."""
         return f"{'h' if self.kind == 'head' else ''}{self.layer}:{self.index}"
 
+    @classmethod
+    def parse(cls, text: str) -> Unit:
+        """A unit from ``19:201x5`` (neuron 201 of layer 19, factor 5) or ``h12:3x0`` (head 3 of
+        layer 12, erased): how a recipe's ``fitted`` list writes them."""
+        import re
+
+        m = re.fullmatch(r"\s*(h?)(\d+):(\d+)\s*x\s*([0-9.eE+-]+)\s*", text)
+        if m is None:
+            raise IrcanError(f"unit {text!r} is not LAYER:INDEXxFACTOR (a neuron, e.g. 19:201x5) or "
+                             "hLAYER:INDEXxFACTOR (a head, e.g. h12:3x0)")
+        return cls(kind="head" if m[1] else "neuron", layer=int(m[2]), index=int(m[3]), scale=float(m[4]))
+
+    @property
+    def written(self) -> str:
+        """The unit as a recipe's ``fitted`` list writes it (:meth:`parse` reads it back)."""
+        return f"{self.label}x{self.scale if self.scale is not None else 1.0:g}"
+
 
 def units_per_layer_of(config: Any, kind: str) -> int:
     """How many units of ``kind`` each layer of a model with ``config`` has, without loading it."""
@@ -165,7 +182,8 @@ class UnitSet(BaseModel):
     selection: SelectionConfig
     n_examples: int = Field(description="Examples the counts are taken over.")
     beta: float | None = Field(None, description="Chosen beta, once tuned or set.")
-    rule: Rule | None = Field(None, description="How beta became the units' scales, once set.")
+    rule: Rule | Literal["fitted"] | None = Field(None, description="How beta became the units' scales, once set "
+                                                  "('fitted': a factor per unit, ircan tune --fit).")
 
     @property
     def units(self) -> list[Unit]:
@@ -198,9 +216,16 @@ class UnitSet(BaseModel):
             out.append(float(factor))
         return out
 
-    def top(self, h: int) -> UnitSet:
-        """The first ``h`` units (they are sorted by frequency)."""
-        return self.model_copy(update={"neurons": self.neurons[:h]})
+    def top(self, h: int, g: int | None = None) -> UnitSet:
+        """The first ``h`` neurons and the first ``g`` heads (all of them when None; each kind is
+        sorted by frequency)."""
+        neurons = [u for u in self.neurons if u.kind == "neuron"][:h]
+        heads = [u for u in self.neurons if u.kind == "head"][:g]
+        return self.model_copy(update={"neurons": neurons + heads})
+
+    def count(self, kind: str) -> int:
+        """How many units of ``kind`` the set holds."""
+        return sum(u.kind == kind for u in self.neurons)
 
     def save(self, path: str | Path) -> None:
         atomic_write(path, self.model_dump_json(indent=2) + "\n")

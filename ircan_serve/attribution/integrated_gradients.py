@@ -98,7 +98,8 @@ def attribute_examples(
     header: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> list[Attribution]:
-    """Attribute every example, skipping those already in ``store`` (resume after a kill)."""
+    """Attribute every example, skipping those already in ``store`` (resume after a kill); one
+    record per example and unit kind of ``config.units``, in that order."""
     from tqdm.auto import tqdm
 
     ig = ContextAwareIntegratedGradients(model, tokenizer)
@@ -108,12 +109,14 @@ def attribute_examples(
                unit="ex", disable=not progress)
     with bar:
         for example in examples:
-            if store is not None and store.has(example.id):
-                results.append(store.get(example.id))
-                continue
-            result = ig.attribute(example, config)
-            if store is not None:
-                store.put(result)
-            results.append(result)
-            bar.update(1)
+            done = example not in todo
+            for kind in config.units:
+                if store is not None and store.has(example.id, kind):
+                    results.append(store.get(example.id, kind))
+                    continue
+                result = ig.attribute(example, config, kind)
+                if store is not None:
+                    store.put(result)
+                results.append(result)
+            bar.update(0 if done else 1)
     return results

@@ -97,7 +97,7 @@ class _Worker:
         lm = load_model(model, device=device, dtype=dtype)
         self.ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
 
-    def attribute(self, example: ConflictExample, config: AttributionConfig) -> Attribution:
+    def attribute(self, example: ConflictExample, config: AttributionConfig) -> list[Attribution]:
         # Fault injection for the tests: IRCAN_FAULT_KILL_WORKER=EXAMPLE_ID@MARKER makes the
         # worker holding EXAMPLE_ID die once (as a lost node or an OOM kill would).
         fault = os.environ.get("IRCAN_FAULT_KILL_WORKER", "")
@@ -105,7 +105,7 @@ class _Worker:
         if fault and example.id == example_id and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
-        return self.ig.attribute(example, config)
+        return [self.ig.attribute(example, config, kind) for kind in config.units]
 
 
 def attribute_on_ray(
@@ -136,7 +136,7 @@ def attribute_on_ray(
     if workers < 1:
         raise IrcanError(f"--workers must be at least 1, not {workers}")
     todo = examples_to_do(examples, config, store, header)
-    done: dict[str, Attribution] = {}
+    done: dict[tuple[str, str], Attribution] = {}
     if todo and workers > len(todo):
         log.warning("--workers %d but only %d example(s) left to attribute: using %d worker(s)",
                     workers, len(todo), len(todo))
@@ -152,9 +152,10 @@ def attribute_on_ray(
                 ray.kill(actor, no_restart=True)
             if started:
                 ray.shutdown()  # the local cluster (or connection) this call made
+    kinds = config.units
     if store is None:  # nothing was stored before: every example was done here
-        return [done[e.id] for e in examples]
-    return [done[e.id] if e.id in done else store.get(e.id) for e in examples]
+        return [done[(e.id, k)] for e in examples for k in kinds]
+    return [done[(e.id, k)] if (e.id, k) in done else store.get(e.id, k) for e in examples for k in kinds]
 
 
 def _start_actors(ray: Any, model: str, workers: int, dtype: str, device: str, address: str | None) -> list[Any]:
@@ -167,7 +168,8 @@ def _start_actors(ray: Any, model: str, workers: int, dtype: str, device: str, a
 
 
 def _run_queue(ray: Any, actors: list[Any], todo: list[ConflictExample], config: AttributionConfig,
-               store: AttributionStore | None, done: dict[str, Attribution], *, total: int, progress: bool) -> None:
+               store: AttributionStore | None, done: dict[tuple[str, str], Attribution], *, total: int,
+               progress: bool) -> None:
     """Hand the examples out as actors free up; write each record into ``store`` as it arrives."""
     from tqdm.auto import tqdm
 
@@ -187,14 +189,15 @@ def _run_queue(ray: Any, actors: list[Any], todo: list[ConflictExample], config:
             ready, _ = ray.wait(list(running), num_returns=1)
             actor, example = running.pop(ready[0])
             try:
-                result = ray.get(ready[0])
+                results = ray.get(ready[0])
             except Exception as e:  # the worker died more than MAX_RESTARTS times, or raised
                 cause = getattr(e, "cause", None) or e
                 raise IrcanError(f"attribution of example {example.id!r} failed on a Ray worker: {cause}; "
                                  "finished examples are kept"
                                  + (f" in {store.path}: rerun to resume" if store is not None else "")) from e
-            if store is not None:
-                store.put(result)
-            done[result.example_id] = result
+            for result in results:
+                if store is not None:
+                    store.put(result)
+                done[(result.example_id, result.kind)] = result
             bar.update(1)
             hand(actor)

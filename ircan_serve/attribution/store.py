@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 STORE_VERSION = 2
 """Version 2 stores the with/without-context activations beside the scores (the signed rule needs them)."""
 
-_SETTINGS_DEFAULTS = {"quadrature": "riemann"}
+_SETTINGS_DEFAULTS: dict[str, Any] = {"quadrature": "riemann", "units": ["neuron"]}
 """Attribution settings that stores written before them lack, with the value those stores used."""
 
 
@@ -150,7 +150,7 @@ def examples_to_do(examples: Sequence[ConflictExample], config: AttributionConfi
     if store is None:
         return list(examples)
     store.open({**(header or {}), "attribution": config.model_dump(), "example_ids": [e.id for e in examples]})
-    todo = [e for e in examples if not store.has(e.id)]
+    todo = [e for e in examples if not all(store.has(e.id, kind) for kind in config.units)]
     if len(todo) < len(examples):
         log.info("resuming: %d of %d examples already attributed", len(examples) - len(todo), len(examples))
     return todo

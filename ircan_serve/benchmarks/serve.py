@@ -1,4 +1,5 @@
-"""``ircan bench serve``: vLLM throughput and latency, patched against base, wrapper against raw client."""
+"""``ircan bench serve``: vLLM throughput and latency, patched against base, wrapper against raw client,
+served CAD against plain decoding at the same concurrency."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class LoadResult:
     tokens: int
     seconds: float
     latencies: list[float]
+    errors: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -26,28 +28,37 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-SERVE_PROMPT = ("Context: As of 2023, India is the most populous country in the world.\n"
-                "Question: Which country is the most populous in the world?\nAnswer:")
+SERVE_CONTEXT = "As of 2023, India is the most populous country in the world."
+SERVE_QUESTION = "Which country is the most populous in the world?"
+SERVE_PROMPT = f"Context: {SERVE_CONTEXT}\nQuestion: {SERVE_QUESTION}\nAnswer:"  # QA_TEMPLATE's rendering
 
 
 async def _load(label: str, call: Callable[[], Any], concurrency: int, requests: int,
                 tokens_per_request: int) -> LoadResult:
-    """``requests`` calls of ``call`` with at most ``concurrency`` in flight."""
+    """``requests`` calls of ``call`` with at most ``concurrency`` in flight; failed calls are
+    counted (and their tokens are not)."""
     import asyncio
 
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    errors: list[BaseException] = []
 
     async def one() -> None:
         async with gate:
             t = time.perf_counter()
-            await call()
+            try:
+                await call()
+            except Exception as e:  # counted and reported: the benchmark's goal is zero
+                errors.append(e)
+                return
             latencies.append(time.perf_counter() - t)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(requests)))
-    return LoadResult(label, concurrency, requests, requests * tokens_per_request,
-                      time.perf_counter() - t0, latencies)
+    if errors:
+        print(f"{label}: {len(errors)} of {requests} requests failed; first: {errors[0]!r}")
+    return LoadResult(label, concurrency, requests, len(latencies) * tokens_per_request,
+                      time.perf_counter() - t0, latencies, len(errors))
 
 
 async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: int) -> list[LoadResult]:
@@ -55,6 +66,7 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
     import openai
 
     from ..langchain import ChatIrcan, IrcanLLM
+    from ..prompts import QA_TEMPLATE
 
     body = {"ignore_eos": True}  # every request generates exactly max_tokens tokens
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0)
@@ -70,6 +82,13 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
         return await llm.ainvoke(SERVE_PROMPT)
 
     chat = ChatIrcan(**{**endpoint, "timeout": 300})
+    # CAD on the same server: two streams per token; an end-of-sequence id that never comes, so every
+    # request makes exactly max_tokens tokens, as ignore_eos does for the plain runs
+    cad = IrcanLLM(**{**endpoint, "extra_body": None, "timeout": 300, "prompt_template": QA_TEMPLATE,
+                      "cad_alpha": 0.5, "cad_eos_token_ids": [-1]})
+
+    async def cad_call() -> Any:
+        return await cad.ainvoke(SERVE_QUESTION, context=SERVE_CONTEXT)
 
     async def streamed() -> Any:  # a streamed chat request through the wrapper, read to the end
         return [chunk async for chunk in chat.astream(SERVE_PROMPT)]
@@ -83,6 +102,9 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
             results.append(await _load("IRCAN raw (vs wrapper)", raw, 8, 32, max_tokens))
             results.append(await _load("IRCAN LangChain wrapper", wrapped, 8, 32, max_tokens))
         results.append(await _load("IRCAN ChatIrcan streams", streamed, 64, 128, max_tokens))
+        for c in levels:
+            results.append(await _load("IRCAN CAD", cad_call, c, max(8, 2 * c), max_tokens))
+        results.append(await _load("IRCAN CAD streams", cad_call, 64, 64, max_tokens))
     await client.close()
     return results
 
@@ -106,17 +128,26 @@ def print_serve(results: list[LoadResult], levels: list[int]) -> None:
     from rich.table import Table
 
     table = Table(title="vLLM serving, one run (completions, fixed output length)")
-    for col in ("run", "concurrency", "requests", "tokens/s", "p50 latency s", "p95 latency s"):
+    for col in ("run", "concurrency", "requests", "errors", "tokens/s", "p50 latency s", "p95 latency s"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r.label, str(r.concurrency), str(r.requests), f"{r.tokens_per_s:.1f}",
-                      f"{r.percentile(0.5):.2f}", f"{r.percentile(0.95):.2f}")
+        table.add_row(r.label, str(r.concurrency), str(r.requests), str(r.errors), f"{r.tokens_per_s:.1f}",
+                      f"{r.percentile(0.5):.2f}" if r.latencies else "-",
+                      f"{r.percentile(0.95):.2f}" if r.latencies else "-")
     console = Console(width=140)
     console.print(table)
     by = {(r.label, r.concurrency): r for r in results}
     for c in levels:
         ratio = by[("IRCAN raw", c)].tokens_per_s / by[("base raw", c)].tokens_per_s
         console.print(f"patched / base throughput at concurrency {c}: {ratio:.3f}")
+    for c in levels:
+        if ("IRCAN CAD", c) in by:
+            cad, plain = by[("IRCAN CAD", c)], by[("IRCAN raw", c)]
+            console.print(f"CAD / plain decoding at concurrency {c}: throughput {cad.tokens_per_s / plain.tokens_per_s:.3f}, "
+                          f"p50 latency {cad.percentile(0.5) / plain.percentile(0.5):.2f}x")
+    streams = by.get(("IRCAN CAD streams", 64))
+    if streams:
+        console.print(f"64 concurrent CAD streams: {streams.requests - streams.errors} completed, {streams.errors} errors")
     raw_s = sum(r.seconds for r in results if r.label == "IRCAN raw (vs wrapper)")
     wrap_s = sum(r.seconds for r in results if r.label == "IRCAN LangChain wrapper")
     console.print(f"LangChain wrapper overhead vs raw OpenAI client: {(wrap_s / raw_s - 1) * 100:+.1f}%")

@@ -6,7 +6,8 @@ import argparse
 
 from ..errors import IrcanError
 
-HELP = "RAG demo: original vs patched SmolLM2 behind vLLM, side by side"
+HELP = ("RAG demo: original, instruction, patch, patch + instruction and CAD, served by vLLM, one table per "
+        "setting (retrieved top 1 and top 4, passages, irrelevant documents)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -16,15 +17,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
                         "repeat for several (default: smollm2-conflicts and smollm2-counterfact)")
     p.add_argument("--base", default="smollm2", help="the original model to compare with")
     p.add_argument("--out", default="export/out/demo.json", help="where to write the rates and tests (JSON)")
+    p.add_argument("--setting", dest="settings", nargs="+",
+                   default=["retrieved-1", "retrieved-4", "passage-list", "irrelevant"],
+                   help="where contexts come from, one table each (ircan_serve/demo.py:SETTINGS: retrieved-1, "
+                        "retrieved-4, passage-list, passage-prose, irrelevant)")
+    p.add_argument("--limit", type=int, help="ask only the first N held-out questions of each recipe")
+    p.add_argument("--cad", type=float, default=0.5, metavar="ALPHA",
+                   help="served CAD and IRCAN + CAD with this alpha (two requests per token); --cad -1: none")
+    p.add_argument("--cad-limit", type=int, default=100, help="CAD on the first N questions of each setting")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight per method")
     return p
 
 
 def run(ns: argparse.Namespace) -> None:
     from ..config import load_recipe
-    from ..demo import print_demo, run_demo
+    from ..demo import demo_setting, print_demo, run_demo
     from ..files import atomic_write_json
     from ..pipeline import recipe_paths
 
+    for name in ns.settings:
+        demo_setting(name)
     recipes = ns.recipe or ["export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml"]
     sets = []
     for r in recipes:
@@ -32,7 +44,9 @@ def run(ns: argparse.Namespace) -> None:
         if not checkpoint.is_dir():
             raise IrcanError(f"{checkpoint} does not exist; build it with `ircan export {r}`")
         sets.append((checkpoint, r))
-    summaries = print_demo(run_demo(sets, base=ns.base))
+    sets_done = run_demo(sets, base=ns.base, settings=ns.settings, limit=ns.limit,
+                         cad_alpha=None if ns.cad < 0 else ns.cad, cad_limit=ns.cad_limit, concurrency=ns.concurrency)
+    summaries = print_demo(sets_done)
     if ns.out:
         atomic_write_json(ns.out, summaries)
         print(f"written: {ns.out}")

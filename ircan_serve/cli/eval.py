@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
                    help="methods to compare (default: all)")
     p.add_argument("--alpha", type=float, default=0.5, help="CAD strength")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random-neuron ablations")
-    p.add_argument("--out", help="output folder (default export/out/NAME.eval-TEST); reruns resume")
+    p.add_argument("--out", help="output folder (default export/out/NAME.eval-TEST[-FORMAT]); reruns resume")
+    p.add_argument("--contexts", nargs="+", default=["sentence"], metavar="FORMAT",
+                   help="context formats to report the recipe's test rows in, each apart "
+                        "(ircan_serve/data/contexts.py: sentence, passage-prose, passage-list, passage-qa, topk, irrelevant)")
     return p
 
 
@@ -32,12 +35,13 @@ def run(ns: argparse.Namespace) -> None:
     from ..evaluation.recipe_runs import eval_recipe
 
     recipe = load_recipe(ns.recipe)
-    try:
-        report, out = eval_recipe(recipe, ns.recipe, methods=ns.methods, test=ns.test, data_format=ns.format,
-                                  skip_invalid=ns.skip_invalid, limit=ns.limit, alpha=ns.alpha, seeds=ns.seeds,
-                                  out=ns.out)
-    except KeyboardInterrupt:
-        print("interrupted; finished methods are kept in the output folder's results.json", file=sys.stderr)
-        raise
-    print(report.read_text())
-    print(f"written: {out}")
+    for context in ns.contexts:
+        try:
+            report, out = eval_recipe(recipe, ns.recipe, methods=ns.methods, test=ns.test, data_format=ns.format,
+                                      skip_invalid=ns.skip_invalid, limit=ns.limit, alpha=ns.alpha, seeds=ns.seeds,
+                                      out=ns.out if len(ns.contexts) == 1 else None, context=context)
+        except KeyboardInterrupt:
+            print("interrupted; finished methods are kept in the output folder's results.json", file=sys.stderr)
+            raise
+        print(report.read_text())
+        print(f"written: {out}")

@@ -47,11 +47,14 @@ def run(ns: argparse.Namespace) -> None:
         return
     if not (ns.model and ns.neurons):
         raise IrcanError("give a RECIPE, or --model and --neurons (and --beta, --output)")
-    from ..checkpoint.export import export_checkpoint
+    from transformers import AutoConfig
+
+    from ..checkpoint.export import check_units, export_checkpoint
     from ..models import resolve_model
     from ..units import UnitSet
 
     units = UnitSet.load(ns.neurons)
+    check_units(units, AutoConfig.from_pretrained(resolve_model(ns.model)), str(ns.neurons))
     if ns.beta is None and units.beta is None:
         raise IrcanError("no beta: pass --beta or set it in the neurons file (`ircan select --beta`)")
     if not ns.output:
@@ -59,7 +62,7 @@ def run(ns: argparse.Namespace) -> None:
     if ns.num_neurons:
         units = units.top(ns.num_neurons)
     if ns.beta is not None:  # the file's rule (default: the paper's) with the new beta
-        units = units.scaled(ns.beta, units.rule or "paper")
+        units = units.scaled(ns.beta, "signed" if units.rule == "signed" else "paper")
     manifest = export_checkpoint(resolve_model(ns.model), units, None, ns.output, base_model=ns.model, force=ns.force)
     print_summary("export", {"checkpoint": ns.output, "units": len(manifest.neurons), "beta": manifest.beta,
                              "rule": manifest.rule, "weight files": len(manifest.files)})

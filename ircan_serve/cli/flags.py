@@ -50,6 +50,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel],
                                   "metavar": name.upper()}
         if typing.get_origin(ann) is typing.Literal:
             group.add_argument(flag, choices=list(args), **{**kwargs, "metavar": None})
+        elif typing.get_origin(ann) is list and typing.get_origin(args[0]) is typing.Literal:
+            group.add_argument(flag, nargs="+", choices=list(typing.get_args(args[0])), **{**kwargs, "metavar": None})
         elif typing.get_origin(ann) is list:
             group.add_argument(flag, nargs="+", type=args[0], **kwargs)
         elif ann is bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..errors import IrcanError
 
@@ -15,6 +16,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p = sub.add_parser("tune", help=HELP)
     p.add_argument("recipe", help="export/*.toml recipe whose attribution store exists")
     p.add_argument("--h", type=int, nargs="+", default=PAPER_H, help="h values (default: the paper's 1..16)")
+    p.add_argument("--g", type=int, nargs="+", default=[0],
+                   help="attention heads with the h neurons (needs heads attributed: [attribution] units)")
     p.add_argument("--beta", type=float, nargs="+", default=SMALL_BETA + PAPER_BETA,
                    help="beta values (default: 0, 0.5, 1.5 and the paper's 2..20)")
     p.add_argument("--min-agreement", type=float, default=0.8,
@@ -27,6 +30,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
                         "or agreeing contexts are collapsed and never chosen")
     p.add_argument("--no-write", dest="write", action="store_false",
                    help="only report; do not write the choice into the recipe")
+    p.add_argument("--fit", action="store_true",
+                   help="instead of the grid: fit a factor per unit, greedily, on the dev rows under the same "
+                        "checks (evaluation/fitting.py)")
+    p.add_argument("--candidates", type=int, default=8, help="--fit: the most frequent units of each kind tried")
+    p.add_argument("--max-units", type=int, default=6, help="--fit: at most this many units")
+    p.add_argument("--factors", type=float, nargs="+", default=[0.0, 0.5, 2.0, 5.0, 10.0],
+                   help="--fit: the factors tried per unit")
     return p
 
 
@@ -38,7 +48,10 @@ def run(ns: argparse.Namespace) -> None:
     from ..evaluation.recipe_runs import tune_recipe
 
     recipe = load_recipe(ns.recipe)
-    done = tune_recipe(recipe, ns.recipe, hs=ns.h, betas=ns.beta, rules=ns.rule,
+    if ns.fit:
+        _fit(recipe, ns)
+        return
+    done = tune_recipe(recipe, ns.recipe, hs=ns.h, betas=ns.beta, rules=ns.rule, gs=ns.g,
                        min_agreement=ns.min_agreement, max_drop=ns.max_drop, write=ns.write)
     result = done.result
     which = ("the recipe's attribution rows (no \\[splits]: the paper's protocol)" if recipe.splits is None
@@ -63,7 +76,27 @@ def run(ns: argparse.Namespace) -> None:
         raise IrcanError("every enhancing grid point collapsed (agreement < "
                          f"{ns.min_agreement} or a side check dropped > {ns.max_drop}); nothing written")
     best = result.best
-    console.print(f"chosen: {best.rule} h = {best.h}, beta = {best.beta:g} (dev accuracy {best.dev.accuracy:.3f}); "
+    console.print(f"chosen: {best.rule} h = {best.h}, g = {best.g}, beta = {best.beta:g} (dev accuracy {best.dev.accuracy:.3f}); "
                   f"grid in {done.report}")
     if done.written:
         console.print(f"written to {ns.recipe}; rebuild with `ircan export {ns.recipe} --force`")
+
+
+def _fit(recipe: Any, ns: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from ..evaluation.recipe_runs import fit_recipe
+
+    result, report = fit_recipe(recipe, ns.recipe, candidates=ns.candidates, max_units=ns.max_units,
+                                factors=ns.factors, min_agreement=ns.min_agreement, max_drop=ns.max_drop,
+                                write=ns.write)
+    console = Console(width=160)
+    console.print(f"original: dev accuracy {result.original.accuracy:.3f}")
+    for step in result.steps:
+        p = step.point
+        console.print(f"+ {step.unit.label} x{step.unit.scale:g}: dev accuracy {p.dev.accuracy:.3f}, agreement "
+                      f"{p.agreement:.2f}, locality {p.checks.locality}, agreeing {p.checks.agreeing}, "
+                      f"by format {p.by_format} ({step.tried} tries)")
+    console.print(f"{len(result.steps)} units in {result.seconds:.0f} s; fit in {report}")
+    if ns.write and result.units.neurons:
+        console.print(f"written to {ns.recipe} and neurons.json; rebuild with `ircan export {ns.recipe} --force`")

@@ -37,9 +37,9 @@ class ConflictExample(BaseModel):
     source: str = Field("", description="file:line the row came from, for error messages.")
     subject: str | None = Field(None, description="What the fact is about (CounterFact's subject), "
                                 "where the data says; context builders use it.")
-    statements: list[str] = Field(default_factory=list, description="Sentence starts that the answer "
-                                  "completes into a statement of the fact (CounterFact's prompt and "
-                                  "paraphrase); context builders use them.")
+    statements: list[str] = Field(default_factory=list, description="Sentence starts, other than the "
+                                  "question, that the answer completes into a statement of the fact "
+                                  "(CounterFact's paraphrase); context builders use them.")
 
 
 @dataclass

@@ -111,7 +111,7 @@ def counterfact_example(row: dict[str, Any], where: str, index: int,
         locality_answer=template.continuation(row["locality_ground_truth"]) if has_locality else None,
         source=where,
         subject=str(row.get("subject") or "").strip() or None,
-        statements=[_statement_start(row["rephrase_prompt"]), question],
+        statements=[_statement_start(row["rephrase_prompt"])],
     )
 
 

@@ -85,6 +85,9 @@ class Setting:
     d_ff: int
     seeds: int
     shrink: UnitSet | None = None
+    instructed: Callable[[ConflictExample], str] | None = None
+    """How a row reads with the instruction, where prefixing its prompt is wrong (chat mode: the
+    instruction goes into the user message); None: :func:`instruction_prompt`."""
 
     @property
     def beta(self) -> float:
@@ -101,8 +104,8 @@ METHODS: dict[str, Callable[[Setting], list[Method]]] = {
     "ircan": lambda s: [Method("ircan", s.units)],
     "cad": lambda s: [Method("cad", cad=True)],
     "ircan+cad": lambda s: [Method("ircan+cad", s.units, cad=True)],
-    "instruction": lambda s: [Method("instruction", prompt=instruction_prompt)],
-    "ircan+instruction": lambda s: [Method("ircan+instruction", s.units, prompt=instruction_prompt)],
+    "instruction": lambda s: [Method("instruction", prompt=s.instructed or instruction_prompt)],
+    "ircan+instruction": lambda s: [Method("ircan+instruction", s.units, prompt=s.instructed or instruction_prompt)],
     "opinion": lambda s: [Method("opinion", prompt=opinion_prompt)],
     "erase": lambda s: [Method("erase", s.units.scaled(0.0, "paper"))],
     "shrink": lambda s: [Method("shrink", s.shrink if s.shrink is not None else s.units.scaled(0.5, "paper"))],

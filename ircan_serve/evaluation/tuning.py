@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -34,11 +35,13 @@ class SideChecks(BaseModel):
 class GridPoint(BaseModel):
     rule: Rule = "paper"
     h: int
+    g: int = Field(0, description="Attention heads with the h neurons.")
     beta: float
     dev: Score
     agreement: float = Field(description="Top-1 agreement with the original, prompts without context.")
     kl: float = Field(description="Mean KL(original || patched), prompts without context.")
     checks: SideChecks = SideChecks()
+    by_format: dict[str, float] = Field(default_factory=dict, description="Dev accuracy per context format.")
     collapsed: bool
     reason: str = ""
 
@@ -64,7 +67,8 @@ class TuneResult(BaseModel):
     def table(self) -> list[list[str]]:
         rows = []
         for p in self.grid:
-            rows.append([p.rule, str(p.h), f"{p.beta:g}", f"{p.dev.accuracy:.3f}", f"{p.dev.stubbornness:.3f}",
+            units = f"{p.h}+{p.g}h" if p.g else str(p.h)
+            rows.append([p.rule, units, f"{p.beta:g}", f"{p.dev.accuracy:.3f}", f"{p.dev.stubbornness:.3f}",
                          f"{p.agreement:.2f}", _fmt(p.checks.locality), _fmt(p.checks.agreeing), f"{p.kl:.3f}",
                          p.reason])
         return rows
@@ -81,6 +85,16 @@ def side_checks(model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> S
                       agreeing=agreeing.accuracy if agreeing else None)
 
 
+def by_format(dev: Sequence[ConflictExample]) -> dict[str, list[ConflictExample]]:
+    """The dev rows grouped by their context format (one group when they are all as loaded)."""
+    from ..data.contexts import format_of
+
+    groups: dict[str, list[ConflictExample]] = {}
+    for e in dev:
+        groups.setdefault(format_of(e), []).append(e)
+    return groups
+
+
 def collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agreement: float,
                      max_drop: float) -> str:
     reasons = []
@@ -93,51 +107,88 @@ def collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agre
     return "; ".join(reasons)
 
 
+def _merged(checks: dict[str, SideChecks], groups: dict[str, list[ConflictExample]]) -> SideChecks:
+    """Side checks over all formats: each format's accuracy weighted by its rows."""
+    out = {}
+    for field in ("locality", "agreeing"):
+        parts = [(getattr(c, field), len(groups[name])) for name, c in checks.items() if getattr(c, field) is not None]
+        out[field] = sum(v * n for v, n in parts) / sum(n for _, n in parts) if parts else None
+    return SideChecks(**out)
+
+
+@dataclass
+class Baseline:
+    """The original model on the dev rows: what every grid point is checked against."""
+
+    groups: dict[str, list[ConflictExample]]
+    plain: list[str]
+    reference: Any
+    checks: dict[str, SideChecks]
+
+
+def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base: Baseline, patch: UnitSet,
+                key: tuple[Rule, int, int, float], min_agreement: float, max_drop: float) -> GridPoint:
+    """One point (``patch``: units with their factors; ``key``: how it is labelled): scored on every
+    dev row, checked in every context format."""
+    rule, h, g, beta = key
+    with reweighted(model, patch):
+        dev_score = logit_score(model, tokenizer, dev)
+        agree, kl = agreement(model, tokenizer, base.plain, base.reference)
+        # a point that already fails the agreement check is not scored on the side checks
+        checks = ({name: side_checks(model, tokenizer, rows) for name, rows in base.groups.items()}
+                  if agree >= min_agreement else {})
+    reasons = [collapse_reason(agree, SideChecks(), SideChecks(), min_agreement, max_drop)]
+    reasons += [f"{name}: {r}" if len(base.groups) > 1 else r for name, c in checks.items()
+                if (r := collapse_reason(1.0, c, base.checks[name], min_agreement, max_drop))]
+    reason = "; ".join(r for r in reasons if r)
+    ids = {e.id: i for i, e in enumerate(dev)}
+    per_format = {name: sum(dev_score.correct[ids[e.id]] for e in rows) / len(rows)  # type: ignore[index]
+                  for name, rows in base.groups.items()}
+    return GridPoint(rule=rule, h=h, g=g, beta=beta, dev=dev_score, agreement=agree, kl=kl,
+                     checks=_merged(checks, base.groups),
+                     by_format=per_format, collapsed=bool(reason), reason=reason)
+
+
 def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExample], *,
          hs: Sequence[int] = PAPER_H, betas: Sequence[float] = SMALL_BETA + PAPER_BETA,
          rules: Sequence[Rule] = ("paper", "signed"), min_agreement: float = 0.8,
-         max_drop: float = 0.02, progress: bool = True) -> TuneResult:
-    """Grid-search the rule, h and beta on ``dev``.
+         max_drop: float = 0.02, progress: bool = True, gs: Sequence[int] = (0,)) -> TuneResult:
+    """Grid-search the rule, h (neurons), g (heads) and beta on ``dev``.
 
     A point is *collapsed* (never chosen) when its top-1 agreement with the original on the dev
     prompts without context falls below ``min_agreement``, or when accuracy on the dev rows'
-    locality facts or agreeing contexts drops by more than ``max_drop`` (where the rows have
-    them). ``best`` is the best remaining enhancing point (beta > 1) by dev accuracy, ties broken
-    by lower stubbornness, smaller h, beta closer to 1; ``best_shrink`` the same among beta < 1.
-    The signed rule takes only beta > 1 (below 1 it would weaken the neurons that help and
-    enhance those that hurt), and beta = 1 is the original for both. Points below the agreement
-    bound are not scored on the side checks (they are collapsed already).
+    locality facts or agreeing contexts drops by more than ``max_drop`` in any context format of
+    the dev rows. ``best`` is the best remaining enhancing point (beta > 1) by dev accuracy, ties
+    broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink`` the same among
+    beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the units that help and
+    enhance those that hurt), and beta = 1 is the original for both.
     """
     from tqdm.auto import tqdm
 
     if not dev:
         raise IrcanError("the dev split has no rows")
-    hs = [h for h in hs if h <= len(neurons.neurons)]
-    if not hs:
-        raise IrcanError(f"the neuron set has {len(neurons.neurons)} neurons; every h of the grid is larger")
+    hs = [h for h in hs if h <= neurons.count("neuron")]
+    gs = [g for g in gs if g <= neurons.count("head")]
+    if not hs or not gs:
+        raise IrcanError(f"the unit set has {neurons.count('neuron')} neurons and {neurons.count('head')} heads; "
+                         "every h (or g) of the grid is larger")
     t0 = time.perf_counter()
+    groups = by_format(dev)
     plain = [e.prompt_without_context for e in dev]
-    reference = next_token_logits(model, tokenizer, plain)
+    base = Baseline(groups, plain, next_token_logits(model, tokenizer, plain),
+                     {name: side_checks(model, tokenizer, rows) for name, rows in groups.items()})
     original = logit_score(model, tokenizer, dev)
-    base_checks = side_checks(model, tokenizer, dev)
-    points = [(r, h, b) for r in rules for h in hs for b in betas if b != 1 and not (r == "signed" and b < 1)]
-    grid = []
-    for rule, h, beta in tqdm(points, desc="tune rule x h x beta", disable=not progress):
-        with reweighted(model, neurons.top(h).scaled(beta, rule)):
-            dev_score = logit_score(model, tokenizer, dev)
-            agree, kl = agreement(model, tokenizer, plain, reference)
-            # a point that already fails the agreement check is not scored on the side checks
-            checks = side_checks(model, tokenizer, dev) if agree >= min_agreement else SideChecks()
-        reason = collapse_reason(agree, checks, base_checks, min_agreement, max_drop)
-        grid.append(GridPoint(rule=rule, h=h, beta=beta, dev=dev_score, agreement=agree, kl=kl,
-                              checks=checks, collapsed=bool(reason), reason=reason))
+    keys = [(r, h, g, b) for r in rules for h in hs for g in gs for b in betas
+            if b != 1 and not (r == "signed" and b < 1) and h + g > 0]
+    grid = [score_point(model, tokenizer, dev, base, neurons.top(k[1], k[2]).scaled(k[3], k[0]), k, min_agreement,
+                        max_drop) for k in tqdm(keys, desc="tune rule x h x g x beta", disable=not progress)]
 
     def pick(cands: list[GridPoint]) -> GridPoint | None:
-        return max(cands, key=lambda p: (p.dev.accuracy, -p.dev.stubbornness, -p.h, -abs(p.beta - 1)),
+        return max(cands, key=lambda p: (p.dev.accuracy, -p.dev.stubbornness, -(p.h + p.g), -abs(p.beta - 1)),
                    default=None)
 
     ok = [p for p in grid if not p.collapsed]
-    return TuneResult(original=original, original_checks=base_checks, grid=grid,
+    return TuneResult(original=original, original_checks=_merged(base.checks, groups), grid=grid,
                       best=pick([p for p in ok if p.enhancing]),
                       best_shrink=pick([p for p in ok if p.beta < 1]), min_agreement=min_agreement,
                       max_drop=max_drop, seconds=time.perf_counter() - t0)

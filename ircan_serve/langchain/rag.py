@@ -29,7 +29,9 @@ def first_line(text: str) -> str:
 
 def make_rag_chain(retriever: BaseRetriever, llm: BaseLanguageModel,
                    template: PromptTemplate | None = None) -> Runnable:
-    """question -> {"question", "context", "answer"}: retrieve, fill the template, ask, parse.
+    """question -> {"question", "documents", "context", "answer"}: retrieve (``documents``: what the
+    retriever returned, with their metadata, e.g. to check the question's own document was among
+    the top k), fill the template with their text (``context``), ask, parse.
 
     An IRCAN wrapper gets the question and the retrieved context apart (its context slot renders
     them with the checkpoint's template, and CAD needs both); any other model gets the prompt
@@ -50,6 +52,7 @@ def make_rag_chain(retriever: BaseRetriever, llm: BaseLanguageModel,
 
     answer = RunnableLambda(ask, afunc=aask) | StrOutputParser() | RunnableLambda(first_line)
     return (
-        {"context": retriever | format_docs, "question": RunnablePassthrough()}
+        {"documents": retriever, "question": RunnablePassthrough()}
+        | RunnablePassthrough.assign(context=lambda x: format_docs(x["documents"]))
         | RunnablePassthrough.assign(answer=answer)
     )

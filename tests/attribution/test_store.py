@@ -19,11 +19,11 @@ def test_killed_run_resumes_without_recomputing(tmp_path, tiny_llama, conflicts,
     calls = []
     original = ContextAwareIntegratedGradients.attribute
 
-    def dying(self, example, config=AttributionConfig()):
+    def dying(self, example, config=AttributionConfig(), kind="neuron"):
         if len(calls) == 2:
             raise KeyboardInterrupt  # the run is killed while attributing the third example
         calls.append(example.id)
-        return original(self, example, config)
+        return original(self, example, config, kind)
 
     monkeypatch.setattr(ContextAwareIntegratedGradients, "attribute", dying)
     store = AttributionStore(tmp_path / "store")
@@ -34,7 +34,8 @@ def test_killed_run_resumes_without_recomputing(tmp_path, tiny_llama, conflicts,
 
     calls.clear()
     monkeypatch.setattr(ContextAwareIntegratedGradients, "attribute",
-                        lambda self, ex, config=AttributionConfig(): (calls.append(ex.id), original(self, ex, config))[1])
+                        lambda self, ex, config=AttributionConfig(), kind="neuron":
+                        (calls.append(ex.id), original(self, ex, config, kind))[1])
     resumed = attribute_examples(model, tok, examples, store=store, header={"model": "tiny"}, progress=False)
     assert calls == [e.id for e in examples[2:]]
     for a, b in zip(full, resumed):

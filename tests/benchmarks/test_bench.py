@@ -74,3 +74,15 @@ def test_the_official_script_is_timed_by_its_own_timer(tmp_path, tiny_llama_dir)
     with pytest.raises(IrcanError, match="no src/1_calculate_attribution_completion.py there"):
         bench_attribution(str(tiny_llama_dir), ["conflicts:1"], n_steps=2, reference_layers=None,
                           official=str(tmp_path))
+
+
+def test_cad_bench_rows_take_three_context_formats_in_the_served_template():
+    from ircan_serve.benchmarks.cad import cad_rows
+    from ircan_serve.data.contexts import format_of
+    from ircan_serve.prompts import COMPLETION_TEMPLATE
+
+    rows = cad_rows(9)
+    assert [format_of(e) for e in rows] == ["sentence", "passage-list", "topk"] * 3
+    # the transformers side scores exactly what the wrapper's context slot sends
+    assert all(e.prompt == COMPLETION_TEMPLATE.render(e.question or "", e.context) for e in rows)
+    assert len({e.id.split("@")[0] for e in rows}) == 9

@@ -60,6 +60,16 @@ def test_stagewise_commands(tmp_path, tiny_llama_dir):
     assert main(["verify", str(tmp_path / "c"), "--base", str(tiny_llama_dir)]) == 0
 
 
+def test_a_head_out_of_range_in_a_neuron_file_names_the_file(tmp_path, tiny_llama_dir, capsys):
+    bad = tmp_path / "mine.json"
+    bad.write_text(json.dumps({"neurons": [{"kind": "head", "layer": 0, "index": 9, "scale": 2.0}],
+                               "selection": {}, "n_examples": 1, "beta": 2.0}))
+    assert main(["export", "--model", str(tiny_llama_dir), "--neurons", str(bad), "-o", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: head h0:9 is out of range: the model has 2 heads per layer" in err
+    assert not (tmp_path / "c").exists()
+
+
 def test_user_errors_exit_2(tmp_path, capsys):
     assert main(["select", "--store", str(tmp_path)]) == 2
     assert "not an attribution store" in capsys.readouterr().err
@@ -156,3 +166,13 @@ def test_attribute_killed_with_sigkill_then_rerun_gives_the_same_neurons(tmp_pat
     rerun = subprocess.run(attribute(killed), check=True, capture_output=True, text=True)
     assert f"resuming: {done} of 60" in rerun.stderr
     assert select(killed) == select(whole)
+
+
+def test_a_chat_recipe_on_a_tokenizer_without_a_chat_template_names_the_recipe(tmp_path, tiny_llama_dir, capsys):
+    recipe = tmp_path / "chatty.toml"
+    recipe.write_text(f'model = "{tiny_llama_dir}"\ndata = "conflicts"\nlimit = 4\n'
+                      '[prompt]\nwith_context = "{{context}}\\n{{question}}"\nwithout_context = "{{question}}"\n'
+                      'chat = true\n')
+    assert main(["export", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}: [prompt] chat = true, but" in err and "has no chat template" in err

@@ -91,3 +91,17 @@ def test_interrupted_eval_keeps_results_and_resumes(tmp_path, tiny_llama, confli
 def test_empty_test_split_is_an_error(tmp_path, tiny_llama):
     with pytest.raises(IrcanError, match="no rows"):
         evaluate(tiny_llama.model, tiny_llama.tokenizer, [], [], tmp_path, {})
+
+
+def test_instruction_methods_render_with_the_settings_renderer_when_given(conflicts):
+    from ircan_serve.config import SelectionConfig
+    from ircan_serve.evaluation.methods import Setting, build_methods
+    from ircan_serve.prompts import INSTRUCTION
+    from ircan_serve.units import Unit, UnitSet
+
+    units = UnitSet(neurons=[Unit(layer=0, index=1, scale=2.0)], selection=SelectionConfig(), n_examples=1, beta=2.0)
+    rows = conflicts[:2]
+    chat = build_methods(["instruction", "ircan+instruction"], Setting(units, 2, 8, 1, instructed=lambda e: "U:" + e.prompt))
+    assert all(m.prompts(rows) == ["U:" + e.prompt for e in rows] for m in chat)
+    (plain,) = build_methods(["instruction"], Setting(units, 2, 8, 1))
+    assert plain.prompts(rows) == [f"{INSTRUCTION}\n{e.prompt}" for e in rows]

@@ -95,3 +95,60 @@ def test_rule_written_into_recipe(tmp_path):
     assert load_recipe(recipe).selection.rule == "signed"
     write_recipe_choice(recipe, 3, 2.0, "paper")
     assert load_recipe(recipe).selection.rule == "paper"
+
+
+def test_fit_factors_gains_rows_under_the_checks_and_restores_weights(tiny_llama, conflicts):
+    from ircan_serve.evaluation.fitting import fit_factors
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pool = UnitSet(neurons=[Unit(layer=layer, index=i) for layer in (0, 1) for i in range(3)],
+                   selection=SelectionConfig(num_neurons=6), n_examples=1)
+    dev = conflicts[:8]
+    result = fit_factors(model, tok, pool, dev, factors=(0.0, 20.0, 200.0), max_units=3,
+                         min_agreement=0.0, max_drop=1.0)
+    accuracies = [result.original.accuracy] + [s.point.dev.accuracy for s in result.steps]
+    # every kept unit gains at least one dev row, and passes the checks
+    assert all(b >= a + 1 / len(dev) - 1e-9 for a, b in zip(accuracies, accuracies[1:]))
+    assert all(not s.point.collapsed for s in result.steps)
+    assert [u.label for u in result.units.neurons] == [s.unit.label for s in result.steps]
+    assert len({u.label for u in result.units.neurons}) == len(result.units.neurons) <= 3
+    assert all(u.scale in (0.0, 20.0, 200.0) for u in result.units.neurons)
+    assert result.units.rule == "fitted"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fit_with_an_agreement_floor_of_one_keeps_no_unit_that_moves_the_model(tiny_llama, conflicts):
+    from ircan_serve.evaluation.fitting import fit_factors
+
+    pool = UnitSet(neurons=[Unit(layer=1, index=i) for i in range(3)], selection=SelectionConfig(num_neurons=3),
+                   n_examples=1)
+    result = fit_factors(tiny_llama.model, tiny_llama.tokenizer, pool, conflicts[:8], factors=(500.0,),
+                         max_units=2, min_agreement=1.0, max_drop=0.0)
+    assert all(s.point.agreement == 1.0 for s in result.steps)
+
+
+def test_fitted_units_live_in_the_recipe(tmp_path):
+    import pytest
+
+    from ircan_serve.errors import IrcanError
+    from ircan_serve.pipeline import recipe_units
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('# fitted\nmodel = "smollm2"\nbeta = 5.0\n[selection]\nnum_neurons = 9\n')
+    units = [Unit(layer=19, index=201, scale=5.0), Unit(kind="head", layer=12, index=3, scale=0.0)]
+    write_recipe_choice(recipe, 1, 5.0, g=1, fitted=[u.written for u in units])
+    r = load_recipe(recipe)
+    assert r.fitted == ["19:201x5", "h12:3x0"] and "# fitted" in recipe.read_text()
+    got = recipe_units(r, [])
+    assert [(u.kind, u.layer, u.index, u.scale) for u in got.neurons] == [
+        ("neuron", 19, 201, 5.0), ("head", 12, 3, 0.0)]
+    assert got.rule == "fitted"
+    # a grid choice replaces the fit
+    write_recipe_choice(recipe, 2, 3.0, "signed")
+    assert load_recipe(recipe).fitted == []
+    # a bad unit names the recipe file and the fix
+    recipe.write_text('model = "smollm2"\nfitted = ["19-201 x5"]\n')
+    with pytest.raises(IrcanError, match=r"r\.toml: fitted: unit '19-201 x5' is not LAYER:INDEXxFACTOR"):
+        recipe_units(load_recipe(recipe), [])

@@ -156,3 +156,7 @@ def test_rag_chain_retrieves_and_answers(llm, conflicts):
     chain = make_rag_chain(retriever, llm)
     out = chain.invoke(INDIA[0])
     assert out["context"] == INDIA[1] and out["question"] == INDIA[0] and out["answer"]
+    # the top k: every retrieved document's text in the context, their ids to check the own one is there
+    top4 = make_rag_chain(build_retriever(conflict_documents(conflicts), k=4), llm).invoke(INDIA[0])
+    assert len(top4["documents"]) == 4 and top4["context"] == " ".join(d.page_content for d in top4["documents"])
+    assert INDIA[1] in top4["context"] and top4["answer"]

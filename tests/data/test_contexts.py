@@ -1,0 +1,57 @@
+"""Context formats built from the same rows: passages, top-k documents, irrelevant documents, mixes."""
+
+import pytest
+
+from helpers import FIXTURES
+from ircan_serve.answers import answer_matches
+from ircan_serve.data import load_examples
+from ircan_serve.data.contexts import CONTEXTS, ContextPool, format_of, in_context, mixed
+from ircan_serve.errors import IrcanError
+from ircan_serve.prompts import COMPLETION_TEMPLATE
+
+
+def _render(question, context=None):
+    return COMPLETION_TEMPLATE.render(question, context)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return load_examples(FIXTURES / "data" / "counterfact-val-head.json", skip_invalid=True).examples[:40]
+
+
+@pytest.mark.parametrize("name", ["passage-prose", "passage-list", "passage-qa"])
+def test_passages_state_the_answer_inside_several_claims_among_distractors(rows, name):
+    pool = ContextPool(rows)
+    for e in rows[:10]:
+        built = in_context(e, name, pool, _render)
+        text = built.context
+        answer = e.answer.strip()
+        assert built.id == f"{e.id}@{name}" and format_of(built) == name
+        assert text.count(answer) >= 2, text  # several supporting claims
+        assert not text.rstrip(". \n").endswith(answer), text  # the answer is not the last word
+        assert e.question not in text  # the question itself is never copied into the evidence
+        assert any(o.context in text for o in rows if o.id != e.id), text  # a claim about another subject
+        assert 50 <= len(text.split()) <= 130
+        assert built.prompt == _render(e.question, text)
+        assert answer_matches(built.agreeing_context, e.memorized) and not answer_matches(built.agreeing_context, answer)
+        assert in_context(e, name, pool, _render) == built  # seeded: the same rows give the same passages
+
+
+def test_top_k_holds_the_rows_own_document_and_irrelevant_never_does(rows):
+    pool = ContextPool(rows, k=3)
+    e = rows[7]
+    top = in_context(e, "topk", pool, _render)
+    assert e.context in top.context and top.context.count(".") >= 3
+    irrelevant = in_context(e, "irrelevant", pool, _render)
+    assert e.context not in irrelevant.context and irrelevant.agreeing_prompt is None
+    assert len(pool.nearest(e, 3, exclude_own=True)) == 3
+
+
+def test_a_mix_takes_the_formats_in_turn_and_the_table_names_itself(rows):
+    pool = ContextPool(rows)
+    mix = mixed(rows[:6], ["sentence", "passage-qa"], pool, _render)
+    assert [format_of(e) for e in mix] == ["sentence", "passage-qa"] * 3
+    assert mix[0] == rows[0]  # a sentence row is the row as loaded
+    with pytest.raises(IrcanError, match="context format 'essay' does not exist.*CONTEXTS"):
+        mixed(rows[:2], ["essay"], pool, _render)
+    assert set(CONTEXTS) >= {"sentence", "passage-prose", "passage-list", "passage-qa", "topk", "irrelevant"}
