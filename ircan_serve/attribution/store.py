@@ -21,6 +21,7 @@ from ..config import AttributionConfig
 from ..data import ConflictExample
 from ..errors import IrcanError
 from ..files import atomic_path, atomic_write_json
+from ..units import UNIT_KINDS
 from .result import Attribution
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,12 @@ class AttributionStore:
             raise IrcanError(f"attribution record {path} (example {example_id!r}) is unreadable: {e}; "
                              "delete it and rerun `ircan attribute` to recompute it") from e
 
-    def all(self, kind: str = "neuron") -> list[Attribution]:
-        """Every stored record of ``kind``, in the order of the header's example ids."""
+    def all(self, kind: str | None = None) -> list[Attribution]:
+        """Every stored record of ``kind`` (default: of every kind, neurons first), in the order of
+        the header's example ids."""
         ids = self.header().get("example_ids", [])
-        return [self.get(i, kind) for i in ids if self.has(i, kind)]
+        kinds = [kind] if kind is not None else list(UNIT_KINDS)
+        return [self.get(i, k) for k in kinds for i in ids if self.has(i, k)]
 
 
 def _check_same_settings(path: Path, existing: dict[str, Any], header: dict[str, Any]) -> None:

@@ -63,6 +63,9 @@ def test_both_kinds_are_stored_selected_exported_and_verified(tmp_path, tiny_lla
                                  header={"model": "tiny"}, progress=False)
     assert [r.kind for r in records[:2]] == ["neuron", "head"] and len(records) == 8
     assert len(store.all("head")) == 4 and len(store.all("neuron")) == 4
+    # what tuning, fitting and eval read: every kind the store holds (a head-less read made --g a no-op)
+    assert [r.kind for r in store.all()] == ["neuron"] * 4 + ["head"] * 4
+    assert select_units(store.all(), SelectionConfig(num_neurons=1, num_heads=1)).count("head") == 1
     again = attribute_examples(lm.model, lm.tokenizer, conflicts[:4], config, store=AttributionStore(tmp_path / "store"),
                                header={"model": "tiny"}, progress=False)
     assert all(torch.equal(a.scores, b.scores) for a, b in zip(records, again))  # read back, both kinds
