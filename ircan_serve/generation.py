@@ -62,13 +62,20 @@ def next_token_logits(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[
     """
     device = model_device(model)
     keep = {} if all_positions else last_logits_kwargs(model)
+    # batches of similar length: a mix of one-sentence and passage contexts pads far less
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = []
     for start in range(0, len(prompts), batch_size):
-        input_ids, mask, positions = left_pad(tokenizer, prompts[start : start + batch_size], device)
+        batch = [prompts[i] for i in order[start : start + batch_size]]
+        input_ids, mask, positions = left_pad(tokenizer, batch, device)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                        use_cache=False, **keep).logits[:, -1, :]  # (B, V)
         out.append(logits.float().cpu())
-    return torch.cat(out)
+    if not out:
+        return torch.empty(0)
+    result = torch.empty_like(stacked := torch.cat(out))
+    result[torch.tensor(order)] = stacked
+    return result
 
 
 class _Stream:
@@ -136,13 +143,15 @@ def greedy_generate(
     """Greedy continuations of ``prompts`` (text up to EOS); CAD when ``cad_alpha`` is given."""
     if cad_alpha is not None and prompts_without_context is None:
         raise ValueError("CAD needs prompts_without_context")
-    out: list[str] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
+    out: dict[int, str] = {}
     for start in range(0, len(prompts), batch_size):
-        plain = (list(prompts_without_context[start : start + batch_size])
+        idx = order[start : start + batch_size]
+        plain = ([prompts_without_context[i] for i in idx]
                  if cad_alpha is not None and prompts_without_context is not None else None)
-        out += _greedy_batch(model, tokenizer, list(prompts[start : start + batch_size]), plain,
-                             cad_alpha or 0.0, max_new_tokens)
-    return out
+        texts = _greedy_batch(model, tokenizer, [prompts[i] for i in idx], plain, cad_alpha or 0.0, max_new_tokens)
+        out.update(zip(idx, texts))
+    return [out[i] for i in range(len(prompts))]
 
 
 @torch.no_grad()

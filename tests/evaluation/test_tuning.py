@@ -152,3 +152,16 @@ def test_fitted_units_live_in_the_recipe(tmp_path):
     recipe.write_text('model = "smollm2"\nfitted = ["19-201 x5"]\n')
     with pytest.raises(IrcanError, match=r"r\.toml: fitted: unit '19-201 x5' is not LAYER:INDEXxFACTOR"):
         recipe_units(load_recipe(recipe), [])
+
+
+def test_length_sorted_batches_come_back_in_the_callers_order(tiny_llama, conflicts):
+    from ircan_serve.generation import greedy_generate
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    prompts = ["Question: x?\nAnswer:", conflicts[0].prompt * 3, conflicts[1].prompt, "Hi", conflicts[2].prompt * 2]
+    batched = next_token_logits(model, tok, prompts, batch_size=2)
+    for i, p in enumerate(prompts):
+        single = model(torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
+        torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-4)
+    assert greedy_generate(model, tok, prompts, 4, batch_size=2) == [greedy_generate(model, tok, [p], 4)[0]
+                                                                      for p in prompts]
