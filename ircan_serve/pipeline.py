@@ -25,7 +25,7 @@ from .files import atomic_write_json
 from .models import LoadedModel, load_model
 from .prompts import PromptTemplate
 from .selection import select_units
-from .units import Unit, UnitSet
+from .units import Unit, UnitSet, projection_path
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,11 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
     if output.exists() and not force:
         raise IrcanError(f"{output} already exists; pass --force to replace it")
     lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
+    for kind in recipe.attribution.units:  # before any work: a kind the model's family lacks
+        try:
+            projection_path(lm.model.config.model_type, kind)
+        except IrcanError as e:
+            raise IrcanError(f"{recipe.path}: [attribution] units: {e}") from None
     data = recipe_data(recipe, lm, progress=progress, out_root=out_root)
     records = attribute_rows(lm, data.attribution, recipe.attribution, AttributionStore(store),
                              store_header(lm, recipe.data, recipe.data_format), workers=recipe.workers,

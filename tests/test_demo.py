@@ -111,7 +111,7 @@ def test_demo_served_end_to_end_with_every_method(patched_smollm2):
     from ircan_serve.demo import METHODS, print_demo, run_demo
 
     recipe = Path(__file__).resolve().parents[1] / "export" / "smollm2-conflicts.toml"
-    sets = run_demo([(patched_smollm2, recipe)], limit=3, settings=["retrieved-1", "passage-list"],
+    sets = run_demo([(patched_smollm2, recipe)], limit=3, settings=["retrieved-1", "passage-list", "chat-retrieved-4"],
                     cad_alpha=0.5, cad_limit=1, concurrency=4)
     (s,) = sets
     for rows in s.settings.values():

@@ -41,6 +41,8 @@ class DemoSetting:
     context: str | None = None
     relevant: bool = True
     """The context states the row's answer; False: the model should keep its memorized one."""
+    chat: bool = False
+    """Asked through ChatIrcan (the chat template, the recipe's text as the user message)."""
 
 
 SETTINGS: dict[str, DemoSetting] = {
@@ -50,6 +52,8 @@ SETTINGS: dict[str, DemoSetting] = {
     "passage-prose": DemoSetting("a paragraph of claims among distractors", context="passage-prose"),
     "irrelevant": DemoSetting("the 4 nearest documents about other subjects only", context="irrelevant",
                               relevant=False),
+    "chat-retrieved-4": DemoSetting("the retriever's top 4 documents, through ChatIrcan (chat template)", k=4,
+                                    chat=True),
 }
 """Demo setting name -> where the context comes from."""
 
@@ -164,7 +168,7 @@ def demo_setting(name: str) -> DemoSetting:
         return SETTINGS[name]
     except KeyError:
         raise IrcanError(f"demo setting {name!r} does not exist; settings: {', '.join(SETTINGS)} "
-                         "(ircan_serve/demo.py:SETTINGS)") from None
+                         "(ircan_serve/demo/run.py:SETTINGS)") from None
 
 
 def _wrapper(server: Any, template: PromptTemplate, cad_alpha: float | None) -> Any:
@@ -219,11 +223,12 @@ def _ask_all(server: Any, sets: list[DemoSet], patched: bool, cad_alpha: float |
         for label, method in METHODS.items():
             if method.patched != patched or (method.cad and cad_alpha is None):
                 continue
-            template = instructed(s.template) if method.instruction else s.template
-            llm = _wrapper(server, template, cad_alpha if method.cad else None)
             if label in ("original", "IRCAN"):
-                _side_checks(llm, s, label)
-            for rows in tqdm(s.settings.values(), desc=f"{s.name}: {label}", leave=False):
+                _side_checks(_wrapper(server, s.template, None), s, label)
+            for name, rows in tqdm(s.settings.items(), desc=f"{s.name}: {label}", leave=False):
+                template = s.template.model_copy(update={"chat": True}) if SETTINGS[name].chat else s.template
+                template = instructed(template) if method.instruction else template
+                llm = _wrapper(server, template, cad_alpha if method.cad else None)
                 _answer(llm, rows[:cad_limit] if method.cad else rows, label, concurrency)
 
 

@@ -99,6 +99,15 @@ def test_bad_units_name_the_file_and_the_problem(tmp_path, tiny_llama_dir, monke
     lm = load_model(str(tiny_llama_dir))
     with pytest.raises(IrcanError, match="llama models have no head units in the architecture table.*attn_out"):
         projections(lm.model, "head")
+    # from a recipe: the error names the recipe file, before any attribution work
+    from ircan_serve.config import load_recipe
+    from ircan_serve.pipeline import run_recipe
+
+    recipe = tmp_path / "heads.toml"
+    recipe.write_text(f'model = "{tiny_llama_dir}"\ndata = "conflicts"\nlimit = 2\n[attribution]\nunits = ["neuron", "head"]\n')
+    with pytest.raises(IrcanError, match=r"heads\.toml: \[attribution\] units: llama models have no head units"):
+        run_recipe(load_recipe(recipe), out_root=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_neuron_files_from_before_heads_still_load(tmp_path):
