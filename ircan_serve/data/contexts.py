@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..answers import replace_answer
-from ..errors import IrcanError
+from ..errors import IrcanError, table_entry
 from .example import ConflictExample
 
 SUPPORT = [  # a claim with the answer inside it: {s} a statement start, {a} the answer, {subj} the subject
@@ -153,11 +153,7 @@ CONTEXTS: dict[str, ContextFormat] = {
 
 
 def context_format(name: str) -> ContextFormat:
-    try:
-        return CONTEXTS[name]
-    except KeyError:
-        raise IrcanError(f"context format {name!r} does not exist; formats: {', '.join(CONTEXTS)} "
-                         "(ircan_serve/data/contexts.py:CONTEXTS)") from None
+    return table_entry(CONTEXTS, name, "context format", "ircan_serve/data/contexts.py:CONTEXTS")
 
 
 def format_of(e: ConflictExample) -> str:

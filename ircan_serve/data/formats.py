@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IrcanError
+from ..errors import table_entry
 from ..prompts import COMPLETION_TEMPLATE, MC_TEMPLATE, QA_TEMPLATE, PromptTemplate
 from .example import Task
 from .parsers import Parser, counterfact_example, generic_example, kre_example, memotrap_example
@@ -48,11 +48,7 @@ FORMAT_CHOICES = ("auto", *FORMATS)
 
 def data_format(name: str) -> DataFormat:
     """The format called ``name``, or an error naming the table's formats."""
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise IrcanError(f"data format {name!r} does not exist; formats: {', '.join(FORMAT_CHOICES)} "
-                         "(ircan_serve/data/formats.py:FORMATS)") from None
+    return table_entry(FORMATS, name, "data format", "ircan_serve/data/formats.py:FORMATS", FORMAT_CHOICES)
 
 
 def detect_format(path: Path) -> str:

@@ -26,7 +26,7 @@ from ..answers import answer_matches
 from ..checkpoint.manifest import Manifest
 from ..config import load_recipe
 from ..data import ConflictExample
-from ..errors import IrcanError
+from ..errors import IrcanError, table_entry
 from ..prompts import PromptTemplate, instructed
 
 log = logging.getLogger(__name__)
@@ -164,11 +164,7 @@ def build_settings(s: DemoSet, names: Sequence[str]) -> None:
 
 
 def demo_setting(name: str) -> DemoSetting:
-    try:
-        return SETTINGS[name]
-    except KeyError:
-        raise IrcanError(f"demo setting {name!r} does not exist; settings: {', '.join(SETTINGS)} "
-                         "(ircan_serve/demo/run.py:SETTINGS)") from None
+    return table_entry(SETTINGS, name, "demo setting", "ircan_serve/demo/run.py:SETTINGS")
 
 
 def _wrapper(server: Any, template: PromptTemplate, cad_alpha: float | None) -> Any:

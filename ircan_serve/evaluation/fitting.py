@@ -20,11 +20,10 @@ from pydantic import BaseModel, Field
 
 from ..data import ConflictExample
 from ..errors import IrcanError
-from ..generation import next_token_logits
 from ..reweight import reweighted
 from ..units import Unit, UnitSet
 from .metrics import Score, logit_score
-from .tuning import Baseline, GridPoint, by_format, score_point, side_checks
+from .tuning import Baseline, GridPoint, score_point
 
 FACTORS = (0.0, 0.5, 2.0, 5.0, 10.0)
 """The factors tried per unit: erase, halve, and three strengths of enhancement."""
@@ -68,10 +67,7 @@ def fit_factors(model: Any, tokenizer: Any, candidates: UnitSet, dev: Sequence[C
     if not dev:
         raise IrcanError("the dev split has no rows")
     t0 = time.perf_counter()
-    groups = by_format(dev)
-    plain = [e.prompt_without_context for e in dev]
-    base = Baseline(groups, plain, next_token_logits(model, tokenizer, plain),
-                     {name: side_checks(model, tokenizer, rows) for name, rows in groups.items()})
+    base = Baseline.measure(model, tokenizer, dev)
     original = logit_score(model, tokenizer, dev)
     chosen: list[Unit] = []
     steps: list[FitStep] = []

@@ -125,6 +125,14 @@ class Baseline:
     reference: Any
     checks: dict[str, SideChecks]
 
+    @classmethod
+    def measure(cls, model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> Baseline:
+        """The original's logits without context and its side checks in each context format of ``dev``."""
+        groups = by_format(dev)
+        plain = [e.prompt_without_context for e in dev]
+        return cls(groups, plain, next_token_logits(model, tokenizer, plain),
+                   {name: side_checks(model, tokenizer, rows) for name, rows in groups.items()})
+
 
 def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base: Baseline, patch: UnitSet,
                 key: tuple[Rule, int, int, float], min_agreement: float, max_drop: float) -> GridPoint:
@@ -173,10 +181,7 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
         raise IrcanError(f"the unit set has {neurons.count('neuron')} neurons and {neurons.count('head')} heads; "
                          "every h (or g) of the grid is larger")
     t0 = time.perf_counter()
-    groups = by_format(dev)
-    plain = [e.prompt_without_context for e in dev]
-    base = Baseline(groups, plain, next_token_logits(model, tokenizer, plain),
-                     {name: side_checks(model, tokenizer, rows) for name, rows in groups.items()})
+    base = Baseline.measure(model, tokenizer, dev)
     original = logit_score(model, tokenizer, dev)
     keys = [(r, h, g, b) for r in rules for h in hs for g in gs for b in betas
             if b != 1 and not (r == "signed" and b < 1) and h + g > 0]
@@ -188,7 +193,7 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
                    default=None)
 
     ok = [p for p in grid if not p.collapsed]
-    return TuneResult(original=original, original_checks=_merged(base.checks, groups), grid=grid,
+    return TuneResult(original=original, original_checks=_merged(base.checks, base.groups), grid=grid,
                       best=pick([p for p in ok if p.enhancing]),
                       best_shrink=pick([p for p in ok if p.beta < 1]), min_agreement=min_agreement,
                       max_drop=max_drop, seconds=time.perf_counter() - t0)
