@@ -63,7 +63,9 @@ demo: setup
 	@# filter + attribution, about 15 min on 2 cores), reused after that.
 	test -d export/out/smollm2-counterfact || $(BIN)/ircan export export/smollm2-counterfact.toml
 	$(BIN)/ircan verify export/out/smollm2-counterfact --base smollm2
-	$(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --recipe export/smollm2-counterfact.toml
+	@# CAD costs two requests per token: on 2 CPU cores the served CAD rows alone take ~20 min per
+	@# checkpoint, so `make demo` leaves them out (ircan demo --cad 0.5 --cad-limit N adds them).
+	$(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --recipe export/smollm2-counterfact.toml --cad -1
 
 gpu-check: setup
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"
