@@ -25,18 +25,11 @@ def cad_rows(n: int) -> list[ConflictExample]:
     return mixed(rows[:n], ["sentence", "passage-list", "topk"], ContextPool(rows), COMPLETION_TEMPLATE.render)
 
 
-def ask_batch(llm: Any, rows: list[ConflictExample], concurrency: int = 8) -> list[str]:
-    """Each row's question with its context through the wrapper's context slot, ``concurrency`` at a time."""
-    from langchain_core.runnables import RunnableLambda
-
-    ask: RunnableLambda[ConflictExample, str] = RunnableLambda(lambda e: llm.invoke(e.question or "", context=e.context))
-    return ask.batch(rows, config={"max_concurrency": concurrency})
-
-
 def bench_cad(checkpoint: str, n: int, alpha: float, max_tokens: int, candidates: int) -> dict[str, Any]:
     """Served and transformers CAD on ``n`` prompts; the rows where they differ."""
     from ..generation import greedy_generate
     from ..langchain import IrcanLLM
+    from ..langchain.rag import ask_with_contexts
     from ..models import load_model, resolve_model
     from ..prompts import COMPLETION_TEMPLATE
     from ..serving import VLLMServer
@@ -47,7 +40,7 @@ def bench_cad(checkpoint: str, n: int, alpha: float, max_tokens: int, candidates
         llm = IrcanLLM(**{"model": server.model_name, "base_url": server.base_url, "max_tokens": max_tokens,
                           "prompt_template": COMPLETION_TEMPLATE, "cad_alpha": alpha, "cad_candidates": candidates,
                           "timeout": 300})
-        served = ask_batch(llm, rows)
+        served = ask_with_contexts(llm, [(e.question or "", e.context or "") for e in rows])
     local = load_model(str(folder))
     expected = greedy_generate(local.model, local.tokenizer, [e.prompt for e in rows], max_tokens, cad_alpha=alpha,
                                prompts_without_context=[e.prompt_without_context for e in rows])

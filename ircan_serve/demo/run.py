@@ -182,18 +182,15 @@ def _wrapper(server: Any, template: PromptTemplate, cad_alpha: float | None) -> 
 
 def _answer(llm: Any, rows: list[DemoRow], label: str, concurrency: int) -> None:
     """Every row's question with its context, through the wrapper's context slot."""
-    from langchain_core.runnables import RunnableLambda
+    from ..langchain.rag import ask_with_contexts, first_line
 
-    from ..langchain.rag import first_line
-
-    ask = RunnableLambda(lambda r: llm.invoke(r.example.question or "", context=r.context))
-    texts = ask.batch(rows, config={"max_concurrency": concurrency})
+    texts = ask_with_contexts(llm, [(r.example.question or "", r.context) for r in rows], concurrency)
     for row, text in zip(rows, texts):
-        row.answers[label] = first_line(text if isinstance(text, str) else str(text.content))
+        row.answers[label] = first_line(text)
 
 
 def _side_checks(llm: Any, s: DemoSet, label: str) -> None:
-    from ..langchain.rag import first_line
+    from ..langchain.rag import first_line, text_of
 
     for kind in ("locality", "agreeing"):
         idx, prompts = [], []
@@ -207,7 +204,7 @@ def _side_checks(llm: Any, s: DemoSet, label: str) -> None:
             idx.append(i)
             prompts.append(prompt)
         for i, text in zip(idx, llm.batch(prompts) if prompts else []):
-            getattr(s.rows[i], kind)[label] = first_line(text if isinstance(text, str) else str(text.content))
+            getattr(s.rows[i], kind)[label] = first_line(text_of(text))
 
 
 def _ask_all(server: Any, sets: list[DemoSet], patched: bool, cad_alpha: float | None, cad_limit: int,

@@ -15,11 +15,23 @@ from ..prompts import QA_TEMPLATE, PromptTemplate
 from ..retrieval import MiniLMEmbeddings, build_retriever, conflict_documents
 from ._base import IrcanEndpoint
 
-__all__ = ["MiniLMEmbeddings", "build_retriever", "conflict_documents", "first_line", "format_docs",
-           "make_rag_chain"]
+__all__ = ["MiniLMEmbeddings", "ask_with_contexts", "build_retriever", "conflict_documents", "first_line",
+           "format_docs", "make_rag_chain", "text_of"]
 
 def format_docs(docs: list[Document]) -> str:
     return " ".join(d.page_content for d in docs)
+
+
+def text_of(output: Any) -> str:
+    """The text of a string LLM's output or a chat model's message."""
+    return output if isinstance(output, str) else str(output.content)
+
+
+def ask_with_contexts(llm: Any, pairs: list[tuple[str, str]], concurrency: int = 8) -> list[str]:
+    """Each (question, context) through an IRCAN wrapper's context slot, ``concurrency`` at a time;
+    the texts, in order."""
+    ask: RunnableLambda[tuple[str, str], Any] = RunnableLambda(lambda qc: llm.invoke(qc[0], context=qc[1]))
+    return [text_of(o) for o in ask.batch(pairs, config={"max_concurrency": concurrency})]
 
 
 def first_line(text: str) -> str:
