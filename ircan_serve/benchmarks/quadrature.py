@@ -44,6 +44,8 @@ class SettingResult:
 
 def _score_all(lm: Any, examples: list[Any], settings: list[str], layers: list[int] | None) -> dict[str, Any]:
     """setting -> (per-example scores, seconds per example)."""
+    from tqdm.auto import tqdm
+
     from ..attribution import ContextAwareIntegratedGradients
     from ..config import AttributionConfig
 
@@ -54,7 +56,7 @@ def _score_all(lm: Any, examples: list[Any], settings: list[str], layers: list[i
         config = AttributionConfig(quadrature=name, n_steps=n, layers=layers)
         ig.attribute(examples[0], config)  # warm-up
         t0 = time.perf_counter()
-        records = [ig.attribute(e, config) for e in examples]
+        records = [ig.attribute(e, config) for e in tqdm(examples, desc=setting, unit="ex")]
         out[setting] = (records, (time.perf_counter() - t0) / len(examples))
     return out
 
