@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .architectures import layout_for
 from .errors import IrcanError
+from .files import atomic_write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -114,18 +116,54 @@ def resolve_model(spec: str) -> str:
     )
 
 
+CONVERSION = 2
+"""Version of a converted GGUF folder (``ircan-conversion.json``). 2: the tokenizer adds the BOS
+(and EOS) where the GGUF says so (``tokenizer.ggml.add_bos_token``); transformers' GGUF loader
+drops the flag, and Gemma 3 without its BOS answers nonsense. A folder of an older version gets
+its tokenizer rewritten (seconds), not its weights."""
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    """The GGUF's tokenizer, adding the special tokens its metadata asks for."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    fields = GGUFReader(str(gguf)).fields
+    changed = False
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None and bool(field.parts[field.data[0]][0]) != bool(getattr(tokenizer, flag, False)):
+            setattr(tokenizer, flag, bool(field.parts[field.data[0]][0]))
+            changed = True
+    if changed and hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()
+    return tokenizer
+
+
+def _read_stamp(folder: Path) -> Any:
+    try:
+        return json.loads((folder / "ircan-conversion.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _convert_gguf(gguf: Path, name: str) -> Path:
     target = cache_dir() / name
+    stamp = {"conversion": CONVERSION, "gguf": gguf.name}
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        if _read_stamp(target) != stamp:
+            log.info("rewriting the tokenizer of %s from %s (conversion version %d)", target, gguf, CONVERSION)
+            _gguf_tokenizer(gguf).save_pretrained(target)
+            atomic_write_json(target / "ircan-conversion.json", stamp)
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     log.info("converting %s to a float32 folder at %s (once)", gguf, target)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF loader marks the model as quantized, and save_pretrained refuses such models.
     model.hf_quantizer = None  # type: ignore[assignment]  # typed as the quantizer it had; None disables it
     if hasattr(model.config, "quantization_config"):
@@ -133,7 +171,8 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    _gguf_tokenizer(gguf).save_pretrained(tmp)
+    atomic_write_json(tmp / "ircan-conversion.json", stamp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
