@@ -111,8 +111,11 @@ def test_demo_served_end_to_end_with_every_method(patched_smollm2):
     from ircan_serve.demo import METHODS, print_demo, run_demo
 
     recipe = Path(__file__).resolve().parents[1] / "export" / "smollm2-conflicts.toml"
+    saved: list[set[str]] = []  # the methods answered at each save: one save per finished method
     sets = run_demo([(patched_smollm2, recipe)], limit=3, settings=["retrieved-1", "passage-list", "chat-retrieved-4"],
-                    cad_alpha=0.5, cad_limit=1, concurrency=4)
+                    cad_alpha=0.5, cad_limit=1, concurrency=4,
+                    save=lambda partial: saved.append(set(partial[0].settings["retrieved-1"][0].answers)))
+    assert saved[0] == {"original"} and saved[-1] == set(METHODS) and len(saved) == len(METHODS)
     (s,) = sets
     for rows in s.settings.values():
         assert len(rows) == 3

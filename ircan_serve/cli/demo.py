@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..errors import IrcanError
 
@@ -16,7 +17,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
                    help="a recipe whose checkpoint (export/out/NAME) is compared on its held-out rows; "
                         "repeat for several (default: smollm2-conflicts and smollm2-counterfact)")
     p.add_argument("--base", default="smollm2", help="the original model to compare with")
-    p.add_argument("--out", default="export/out/demo.json", help="where to write the rates and tests (JSON)")
+    p.add_argument("--out", default="export/out/demo.json",
+                   help="where to write the rates and tests (JSON; rewritten after each method, so a run cut short "
+                        "keeps what it answered)")
     p.add_argument("--setting", dest="settings", nargs="+",
                    default=["retrieved-1", "retrieved-4", "passage-list", "irrelevant"],
                    help="where contexts come from, one table each (ircan_serve/demo/run.py:SETTINGS: retrieved-1, "
@@ -31,7 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
 
 def run(ns: argparse.Namespace) -> None:
     from ..config import load_recipe
-    from ..demo import demo_setting, print_demo, run_demo
+    from ..demo import demo_setting, print_demo, run_demo, summarize_set
     from ..files import atomic_write_json
     from ..pipeline import recipe_paths
 
@@ -44,8 +47,14 @@ def run(ns: argparse.Namespace) -> None:
         if not checkpoint.is_dir():
             raise IrcanError(f"{checkpoint} does not exist; build it with `ircan export {r}`")
         sets.append((checkpoint, r))
+
+    def save(partial: list[Any]) -> None:  # after each method: a run cut short keeps what it answered
+        if ns.out:
+            atomic_write_json(ns.out, [summarize_set(s) for s in partial])
+
     sets_done = run_demo(sets, base=ns.base, settings=ns.settings, limit=ns.limit,
-                         cad_alpha=None if ns.cad < 0 else ns.cad, cad_limit=ns.cad_limit, concurrency=ns.concurrency)
+                         cad_alpha=None if ns.cad < 0 else ns.cad, cad_limit=ns.cad_limit, concurrency=ns.concurrency,
+                         save=save)
     summaries = print_demo(sets_done)
     if ns.out:
         atomic_write_json(ns.out, summaries)

@@ -17,7 +17,7 @@ answer must survive) and a context that states the true answer (which must still
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,9 @@ def _side_checks(llm: Any, s: DemoSet, label: str) -> None:
 
 
 def _ask_all(server: Any, sets: list[DemoSet], patched: bool, cad_alpha: float | None, cad_limit: int,
-             concurrency: int) -> None:
-    """Every method served by ``server`` (the original, or each set's patched checkpoint)."""
+             concurrency: int, done: Callable[[], None]) -> None:
+    """Every method served by ``server`` (the original, or each set's patched checkpoint); ``done``
+    after each method, so that a long run keeps what it has answered."""
     from tqdm.auto import tqdm
 
     for s in sets:
@@ -223,14 +224,16 @@ def _ask_all(server: Any, sets: list[DemoSet], patched: bool, cad_alpha: float |
                 template = instructed(template) if method.instruction else template
                 llm = _wrapper(server, template, cad_alpha if method.cad else None)
                 _answer(llm, rows[:cad_limit] if method.cad else rows, label, concurrency)
+            done()
 
 
 def run_demo(sets: Sequence[tuple[str | Path, str | Path]], base: str = "smollm2", *,
              settings: Sequence[str] = ("retrieved-1", "retrieved-4", "passage-list", "irrelevant"),
              limit: int | None = None, cad_alpha: float | None = 0.5, cad_limit: int = 100,
-             concurrency: int = 16) -> list[DemoSet]:
+             concurrency: int = 16, save: Callable[[list[DemoSet]], None] | None = None) -> list[DemoSet]:
     """Serve the base once and each (checkpoint, recipe) in turn; ask every set's questions in every
-    setting, by every method; CAD on the first ``cad_limit`` questions (two requests per token)."""
+    setting, by every method; CAD on the first ``cad_limit`` questions (two requests per token).
+    ``save`` gets every set after each method (what is answered so far)."""
     from ..models import load_model, resolve_model
     from ..serving import VLLMServer
 
@@ -247,9 +250,14 @@ def run_demo(sets: Sequence[tuple[str | Path, str | Path]], base: str = "smollm2
         build_settings(s, list(settings))
         demo_sets.append(s)
     lm = None  # free the model before the servers start
+
+    def done() -> None:
+        if save is not None:
+            save(demo_sets)
+
     with VLLMServer(resolve_model(base), require_manifest=False) as server:
-        _ask_all(server, demo_sets, False, cad_alpha, cad_limit, concurrency)
+        _ask_all(server, demo_sets, False, cad_alpha, cad_limit, concurrency, done)
     for s in demo_sets:
         with VLLMServer(s.checkpoint) as server:
-            _ask_all(server, [s], True, cad_alpha, cad_limit, concurrency)
+            _ask_all(server, [s], True, cad_alpha, cad_limit, concurrency, done)
     return demo_sets
