@@ -113,15 +113,26 @@ def test_demo_served_end_to_end_with_every_method(patched_smollm2):
     recipe = Path(__file__).resolve().parents[1] / "export" / "smollm2-conflicts.toml"
     saved: list[set[str]] = []  # the methods answered at each save: one save per finished method
     sets = run_demo([(patched_smollm2, recipe)], limit=3, settings=["retrieved-1", "passage-list", "chat-retrieved-4"],
-                    cad_alpha=0.5, cad_limit=1, concurrency=4,
+                    cad_alpha=0.5, cad_limit=1, cad_settings=["retrieved-1", "chat-retrieved-4"], concurrency=4,
                     save=lambda partial: saved.append(set(partial[0].settings["retrieved-1"][0].answers)))
     assert saved[0] == {"original"} and saved[-1] == set(METHODS) and len(saved) == len(METHODS)
     (s,) = sets
-    for rows in s.settings.values():
+    plain = {"original", "instruction", "IRCAN", "IRCAN+instruction"}
+    for name, rows in s.settings.items():
         assert len(rows) == 3
-        assert all(set(r.answers) >= {"original", "instruction", "IRCAN", "IRCAN+instruction"} for r in rows)
-        assert set(rows[0].answers) == set(METHODS) and "CAD" not in rows[1].answers
+        assert all(set(r.answers) >= plain for r in rows)
+        assert set(rows[0].answers) == (plain if name == "passage-list" else set(METHODS))  # CAD: two settings
+        assert "CAD" not in rows[1].answers  # CAD on the first question only
     (summary,) = print_demo(sets)
-    table = summary["settings"]["passage-list"]["methods"]
+    table = summary["settings"]["retrieved-1"]["methods"]
     assert table["CAD"]["goal"]["n"] == 1 and table["IRCAN"]["goal"]["n"] == 3
+    assert "CAD" not in summary["settings"]["passage-list"]["methods"]
     assert summary["settings"]["retrieved-1"]["own_document"]["n"] == 3
+
+
+def test_demo_refuses_cad_settings_it_does_not_ask(capsys):
+    """``--cad-settings`` names settings of ``--setting``; any other ends before a server starts."""
+    from ircan_serve.cli import main
+
+    assert main(["demo", "--setting", "retrieved-1", "passage-list", "--cad-settings", "irrelevant"]) == 2
+    assert "--cad-settings irrelevant: each must be one of --setting (retrieved-1 passage-list)" in capsys.readouterr().err

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p.add_argument("--cad", type=float, default=0.5, metavar="ALPHA",
                    help="served CAD and IRCAN + CAD with this alpha (two requests per token); --cad -1: none")
     p.add_argument("--cad-limit", type=int, default=100, help="CAD on the first N questions of each setting")
+    p.add_argument("--cad-settings", nargs="+", metavar="SETTING",
+                   help="CAD only in these settings (default: every --setting)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight per method")
     return p
 
@@ -40,6 +42,9 @@ def run(ns: argparse.Namespace) -> None:
 
     for name in ns.settings:
         demo_setting(name)
+    if ns.cad_settings and not set(ns.cad_settings) <= set(ns.settings):
+        raise IrcanError(f"--cad-settings {' '.join(ns.cad_settings)}: each must be one of --setting "
+                         f"({' '.join(ns.settings)})")
     recipes = ns.recipe or ["export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml"]
     sets = []
     for r in recipes:
@@ -53,7 +58,8 @@ def run(ns: argparse.Namespace) -> None:
             atomic_write_json(ns.out, [summarize_set(s) for s in partial])
 
     sets_done = run_demo(sets, base=ns.base, settings=ns.settings, limit=ns.limit,
-                         cad_alpha=None if ns.cad < 0 else ns.cad, cad_limit=ns.cad_limit, concurrency=ns.concurrency,
+                         cad_alpha=None if ns.cad < 0 else ns.cad, cad_limit=ns.cad_limit,
+                         cad_settings=ns.cad_settings, concurrency=ns.concurrency,
                          save=save)
     summaries = print_demo(sets_done)
     if ns.out:

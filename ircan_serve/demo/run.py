@@ -208,7 +208,7 @@ def _side_checks(llm: Any, s: DemoSet, label: str) -> None:
 
 
 def _ask_all(server: Any, sets: list[DemoSet], patched: bool, cad_alpha: float | None, cad_limit: int,
-             concurrency: int, done: Callable[[], None]) -> None:
+             cad_settings: Sequence[str] | None, concurrency: int, done: Callable[[], None]) -> None:
     """Every method served by ``server`` (the original, or each set's patched checkpoint); ``done``
     after each method, so that a long run keeps what it has answered."""
     from tqdm.auto import tqdm
@@ -220,6 +220,8 @@ def _ask_all(server: Any, sets: list[DemoSet], patched: bool, cad_alpha: float |
             if label in ("original", "IRCAN"):
                 _side_checks(_wrapper(server, s.template, None), s, label)
             for name, rows in tqdm(s.settings.items(), desc=f"{s.name}: {label}", leave=False):
+                if method.cad and cad_settings is not None and name not in cad_settings:
+                    continue
                 template = s.template.model_copy(update={"chat": True}) if SETTINGS[name].chat else s.template
                 template = instructed(template) if method.instruction else template
                 llm = _wrapper(server, template, cad_alpha if method.cad else None)
@@ -230,9 +232,11 @@ def _ask_all(server: Any, sets: list[DemoSet], patched: bool, cad_alpha: float |
 def run_demo(sets: Sequence[tuple[str | Path, str | Path]], base: str = "smollm2", *,
              settings: Sequence[str] = ("retrieved-1", "retrieved-4", "passage-list", "irrelevant"),
              limit: int | None = None, cad_alpha: float | None = 0.5, cad_limit: int = 100,
-             concurrency: int = 16, save: Callable[[list[DemoSet]], None] | None = None) -> list[DemoSet]:
+             cad_settings: Sequence[str] | None = None, concurrency: int = 16,
+             save: Callable[[list[DemoSet]], None] | None = None) -> list[DemoSet]:
     """Serve the base once and each (checkpoint, recipe) in turn; ask every set's questions in every
-    setting, by every method; CAD on the first ``cad_limit`` questions (two requests per token).
+    setting, by every method; CAD on the first ``cad_limit`` questions (two requests per token) of
+    each setting, or only of ``cad_settings``.
     ``save`` gets every set after each method (what is answered so far)."""
     from ..models import load_model, resolve_model
     from ..serving import VLLMServer
@@ -256,8 +260,8 @@ def run_demo(sets: Sequence[tuple[str | Path, str | Path]], base: str = "smollm2
             save(demo_sets)
 
     with VLLMServer(resolve_model(base), require_manifest=False) as server:
-        _ask_all(server, demo_sets, False, cad_alpha, cad_limit, concurrency, done)
+        _ask_all(server, demo_sets, False, cad_alpha, cad_limit, cad_settings, concurrency, done)
     for s in demo_sets:
         with VLLMServer(s.checkpoint) as server:
-            _ask_all(server, [s], True, cad_alpha, cad_limit, concurrency, done)
+            _ask_all(server, [s], True, cad_alpha, cad_limit, cad_settings, concurrency, done)
     return demo_sets
