@@ -32,11 +32,14 @@ def bench_cad(checkpoint: str, n: int, alpha: float, max_tokens: int, candidates
     from ..langchain.rag import ask_with_contexts
     from ..models import load_model, resolve_model
     from ..prompts import COMPLETION_TEMPLATE
-    from ..serving import VLLMServer
+    from ..serving import ServeConfig, VLLMServer
+    from ..serving.cad import DEFAULT_CANDIDATES
 
     folder = resolve_model(checkpoint)
     rows = cad_rows(n)
-    with VLLMServer(folder, require_manifest=False) as server:
+    # more candidates than vLLM's default cap need a server that returns that many logprobs
+    config = ServeConfig(extra_args=["--max-logprobs", str(candidates)]) if candidates > DEFAULT_CANDIDATES else None
+    with VLLMServer(folder, config, require_manifest=False) as server:
         llm = IrcanLLM(**{"model": server.model_name, "base_url": server.base_url, "max_tokens": max_tokens,
                           "prompt_template": COMPLETION_TEMPLATE, "cad_alpha": alpha, "cad_candidates": candidates,
                           "timeout": 300})
@@ -54,7 +57,8 @@ def add_arguments(b: Any) -> None:
     b.add_argument("--prompts", type=int, default=200)
     b.add_argument("--alpha", type=float, default=0.5)
     b.add_argument("--max-tokens", type=int, default=10)
-    b.add_argument("--candidates", type=int, default=20, help="CAD's candidates per step (the served top K)")
+    b.add_argument("--candidates", type=int, default=20,
+                   help="CAD's candidates per step (the served top K; above 20 the server gets --max-logprobs K)")
     b.add_argument("--out", help="write the result (JSON) here")
 
 
