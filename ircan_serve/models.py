@@ -133,8 +133,9 @@ def _gguf_tokenizer(gguf: Path) -> Any:
     changed = False
     for flag in ("add_bos_token", "add_eos_token"):
         field = fields.get(f"tokenizer.ggml.{flag}")
-        if field is not None and bool(field.parts[field.data[0]][0]) != bool(getattr(tokenizer, flag, False)):
-            setattr(tokenizer, flag, bool(field.parts[field.data[0]][0]))
+        wanted = None if field is None else bool(field.parts[field.data[0]][0])
+        if wanted is not None and wanted != bool(getattr(tokenizer, flag, False)):
+            setattr(tokenizer, flag, wanted)
             changed = True
     if changed and hasattr(tokenizer, "update_post_processor"):
         tokenizer.update_post_processor()

@@ -54,13 +54,12 @@ def run(ns: argparse.Namespace) -> None:
         sets.append((checkpoint, r))
 
     def save(partial: list[Any]) -> None:  # after each method: a run cut short keeps what it answered
-        if ns.out:
-            atomic_write_json(ns.out, [summarize_set(s) for s in partial])
+        atomic_write_json(ns.out, [summarize_set(s) for s in partial])
 
     sets_done = run_demo(sets, base=ns.base, settings=ns.settings, limit=ns.limit,
                          cad_alpha=None if ns.cad < 0 else ns.cad, cad_limit=ns.cad_limit,
                          cad_settings=ns.cad_settings, concurrency=ns.concurrency,
-                         save=save)
+                         save=save if ns.out else None)
     summaries = print_demo(sets_done)
     if ns.out:
         atomic_write_json(ns.out, summaries)
