@@ -82,13 +82,18 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
         return await llm.ainvoke(SERVE_PROMPT)
 
     chat = ChatIrcan(**{**endpoint, "timeout": 300})
-    # CAD on the same server: two streams per token; an end-of-sequence id that never comes, so every
-    # request makes exactly max_tokens tokens, as ignore_eos does for the plain runs
-    cad = IrcanLLM(**{**endpoint, "extra_body": None, "timeout": 300, "prompt_template": QA_TEMPLATE,
-                      "cad_alpha": 0.5, "cad_eos_token_ids": [-1]})
+    # CAD on the same server: two streams, a greedy draft verified per round (and, for reference, one
+    # request pair per token); an end-of-sequence id that never comes, so every request makes exactly
+    # max_tokens tokens, as ignore_eos does for the plain runs
+    cad_common = {**endpoint, "extra_body": None, "timeout": 300, "prompt_template": QA_TEMPLATE, "cad_alpha": 0.5,
+                  "cad_eos_token_ids": [-1]}
+    cad, cad_stepwise = IrcanLLM(**cad_common), IrcanLLM(**{**cad_common, "cad_lookahead": 1})
 
     async def cad_call() -> Any:
         return await cad.ainvoke(SERVE_QUESTION, context=SERVE_CONTEXT)
+
+    async def cad_stepwise_call() -> Any:
+        return await cad_stepwise.ainvoke(SERVE_QUESTION, context=SERVE_CONTEXT)
 
     async def streamed() -> Any:  # a streamed chat request through the wrapper, read to the end
         return [chunk async for chunk in chat.astream(SERVE_PROMPT)]
@@ -104,6 +109,7 @@ async def _serve_runs(server: Any, label: str, levels: list[int], max_tokens: in
         results.append(await _load("IRCAN ChatIrcan streams", streamed, 64, 128, max_tokens))
         for c in levels:
             results.append(await _load("IRCAN CAD", cad_call, c, max(8, 2 * c), max_tokens))
+            results.append(await _load("IRCAN CAD, lookahead 1", cad_stepwise_call, c, max(8, 2 * c), max_tokens))
         results.append(await _load("IRCAN CAD streams", cad_call, 64, 64, max_tokens))
     await client.close()
     return results
@@ -141,10 +147,12 @@ def print_serve(results: list[LoadResult], levels: list[int]) -> None:
         ratio = by[("IRCAN raw", c)].tokens_per_s / by[("base raw", c)].tokens_per_s
         console.print(f"patched / base throughput at concurrency {c}: {ratio:.3f}")
     for c in levels:
-        if ("IRCAN CAD", c) in by:
-            cad, plain = by[("IRCAN CAD", c)], by[("IRCAN raw", c)]
-            console.print(f"CAD / plain decoding at concurrency {c}: throughput {cad.tokens_per_s / plain.tokens_per_s:.3f}, "
-                          f"p50 latency {cad.percentile(0.5) / plain.percentile(0.5):.2f}x")
+        for name in ("IRCAN CAD", "IRCAN CAD, lookahead 1"):
+            if (name, c) in by:
+                cad, plain = by[(name, c)], by[("IRCAN raw", c)]
+                console.print(f"{name} / plain decoding at concurrency {c}: throughput "
+                              f"{cad.tokens_per_s / plain.tokens_per_s:.3f}, "
+                              f"p50 latency {cad.percentile(0.5) / plain.percentile(0.5):.2f}x")
     streams = by.get(("IRCAN CAD streams", 64))
     if streams:
         console.print(f"64 concurrent CAD streams: {streams.requests - streams.errors} completed, {streams.errors} errors")

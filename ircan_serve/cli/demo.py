@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
                         "retrieved-4, passage-list, passage-prose, irrelevant, chat-retrieved-4)")
     p.add_argument("--limit", type=int, help="ask only the first N held-out questions of each recipe")
     p.add_argument("--cad", type=float, default=0.5, metavar="ALPHA",
-                   help="served CAD and IRCAN + CAD with this alpha (two requests per token); --cad -1: none")
+                   help="served CAD and IRCAN + CAD with this alpha (two streams; see README); --cad -1: none")
     p.add_argument("--cad-limit", type=int, default=100, help="CAD on the first N questions of each setting")
     p.add_argument("--cad-settings", nargs="+", metavar="SETTING",
                    help="CAD only in these settings (default: every --setting)")

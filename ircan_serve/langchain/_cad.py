@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from ..errors import IrcanError
-from ..serving.cad import DEFAULT_CANDIDATES, CadClient, CadResult
+from ..serving.cad import DEFAULT_CANDIDATES, DEFAULT_LOOKAHEAD, MAX_TOKEN_IDS, CadClient, CadResult
 
 CadInput = str | list[dict[str, str]]
 """A prompt text (completions) or chat messages (the server applies the chat template)."""
@@ -29,9 +29,12 @@ class CadDecoding:
     cad_alpha: float | None = Field(default=None, ge=0)
     """Context-aware decoding: ``(1 + a) log p(.|context) - a log p(.|no context)`` per token
     (None: plain decoding). Needs the context slot (``invoke(question, context=...)``)."""
-    cad_candidates: int = Field(default=DEFAULT_CANDIDATES, ge=1)
+    cad_candidates: int = Field(default=DEFAULT_CANDIDATES, ge=1, le=MAX_TOKEN_IDS)
     """Tokens CAD chooses among per step: the most likely with the context (at most the server's
     ``--max-logprobs``, 20 by default)."""
+    cad_lookahead: int = Field(default=DEFAULT_LOOKAHEAD, ge=1)
+    """Draft tokens per CAD round (two requests verify a greedy draft; 1: two requests per
+    token). Changes the number of requests, never the tokens."""
     cad_eos_token_ids: list[int] | None = None
     """Where CAD stops: the model's end-of-sequence ids (``from_checkpoint`` reads them; else they
     are read from the served model's folder when it is on this machine)."""
@@ -59,7 +62,7 @@ class CadDecoding:
             sync, asyn = openai.OpenAI(**common), openai.AsyncOpenAI(**common)
             eos = self.cad_eos_token_ids or self._served_eos(sync, endpoint.model_name)
             self._cad = CadClient(endpoint.model_name, self.cad_alpha or 0.0, eos, client=sync, async_client=asyn,
-                                  candidates=self.cad_candidates)
+                                  candidates=self.cad_candidates, lookahead=self.cad_lookahead)
         return self._cad
 
     @staticmethod

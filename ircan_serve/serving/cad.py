@@ -2,19 +2,38 @@
 
 CAD (Shi et al., 2023) picks each token by ``(1 + alpha) log p(. | context, question) -
 alpha log p(. | question)``: the context's influence is amplified by contrast with the same model
-without it. vLLM computes one stream per request, so the two streams are two requests per step
-on ``/v1/completions`` with token-id prompts (prefix caching reuses what earlier steps computed):
+without it. vLLM computes one stream per request, so the two streams are requests on
+``/v1/completions`` with token-id prompts (prefix caching reuses what earlier requests computed),
+made in rounds that verify a draft, as speculative decoding does:
 
-1. the prompt *with* the context and the tokens so far, one token, ``logprobs = K``
-   (``return_tokens_as_token_ids``): the K most likely next tokens are the candidates;
-2. the prompt *without* the context and the same tokens, one token, ``logprob_token_ids`` = the
-   candidates: their exact log-probabilities without the context;
+1. the prompt *with* the context and the tokens so far, ``lookahead`` tokens of plain greedy
+   decoding, ``logprobs = K`` (``return_tokens_as_token_ids``): the draft, and at each of its
+   positions the K tokens most likely there, the candidates;
+2. the prompt *without* the context and the tokens so far followed by each prefix of the draft,
+   all in one request (a list of prompts), one token each, ``logprob_token_ids`` = the
+   candidates: their exact log-probabilities without the context, position by position;
 
-the candidate with the highest CAD score is appended to both streams. **The approximation**: the
-winner is searched among the K most likely tokens *with* the context (``candidates``, at most the
-server's ``--max-logprobs``, 20 by default), where CAD in transformers searches the whole
-vocabulary; both log-probabilities of every candidate are exact. A token outside the top K with
-the context wins only when the context makes it far less likely than without it.
+at each position the candidate with the highest CAD score is chosen; while it is the draft's
+token the next position is valid too (its with-context log-probabilities were computed after that
+token), and the first position where CAD chooses otherwise ends the round with CAD's token.
+The result is token for token what one pair of requests per token gives (``lookahead = 1``); CAD
+mostly agrees with greedy decoding, so a round usually yields several tokens for two requests.
+
+**The approximation**: the winner is searched among the K most likely tokens *with* the context
+(``candidates``, at most the server's ``--max-logprobs``, 20 by default), where CAD in
+transformers searches the whole vocabulary; both log-probabilities of every candidate are exact.
+A token outside the top K with the context wins only when the context makes it far less likely
+than without it.
+
+**A vLLM bug it works around** (vLLM 0.32): when a request with ``logprob_token_ids`` shares an
+engine step with requests asking for top-K ``logprobs``, those get only their sampled token's
+log-probability (and ``token_id:0`` at -9999) instead of their top K; and in a step where several
+``logprob_token_ids`` lists differ in length, the shorter ones are padded with token 0 at -inf,
+which overwrites a real token 0. So requests of the two kinds from CAD never overlap on one
+server (:class:`_Gate`, shared by every client of that server in this process), every
+``logprob_token_ids`` list has the same length (:data:`MAX_TOKEN_IDS`, padded with tokens no one
+reads), and a response that still lacks logprobs -- another client's requests mixed in -- is cut
+to its complete positions or sent again (``CadResult.retries``).
 
 :func:`cad_steps` is the decoding loop written without I/O: it yields the requests to send and
 receives their answers, so :class:`CadClient` drives it with a synchronous and an asynchronous
@@ -23,7 +42,12 @@ HTTP client alike, and tests can drive it with anything.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,21 +55,32 @@ from ..errors import IrcanError
 
 DEFAULT_CANDIDATES = 20
 """Candidates per step: vLLM's default ``--max-logprobs``."""
+DEFAULT_LOOKAHEAD = 8
+"""Draft tokens per round (1: one pair of requests per token)."""
+MAX_TOKEN_IDS = 128
+"""vLLM's cap on ``logprob_token_ids`` per request (``MAX_LOGPROB_TOKEN_IDS``); every such list
+CAD sends has this length."""
+NO_LOGPROB = -9999.0
+"""How vLLM writes a log-probability of -inf (a padded entry): not a value."""
+MAX_RETRIES = 50
+"""Incomplete responses one generation sends again before it gives up."""
 
 
 @dataclass
 class Step:
-    """One request of a CAD step: a completion of one token after ``prompt`` (token ids)."""
+    """One request of CAD: ``max_tokens`` greedy tokens after ``prompt`` (token ids), or one
+    token after each of several prompts (a list of token-id lists) in one request."""
 
-    prompt: list[int]
+    prompt: list[int] | list[list[int]]
     logprobs: int
     token_ids: list[int] | None = None
     """With these, the log-probabilities of exactly these tokens (``logprob_token_ids``)."""
+    max_tokens: int = 1
 
     def body(self, model: str) -> dict[str, Any]:
         """The ``/v1/completions`` request body."""
-        out: dict[str, Any] = {"model": model, "prompt": self.prompt, "max_tokens": 1, "temperature": 0,
-                               "logprobs": self.logprobs, "return_tokens_as_token_ids": True}
+        out: dict[str, Any] = {"model": model, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                               "temperature": 0, "logprobs": self.logprobs, "return_tokens_as_token_ids": True}
         if self.token_ids is not None:
             out["logprob_token_ids"] = self.token_ids
         return out
@@ -60,19 +95,37 @@ class CadResult:
     """``stop`` (an end-of-sequence token), ``length`` (max tokens or the model's length)."""
     changed: int = 0
     """Steps where CAD chose another token than the prompt with the context alone would have."""
+    requests: int = 0
+    """Completion requests sent (two per token at ``lookahead = 1``)."""
+    retries: int = 0
+    """Responses that lacked logprobs and were sent again (see the module's vLLM bug)."""
+
+
+def _token_id(key: str) -> int:
+    return int(key.split(":", 1)[1])
+
+
+def position_logprobs(response: dict[str, Any]) -> list[tuple[list[int], list[dict[int, float]]]]:
+    """Per choice (in prompt order): the generated token ids, and at each position token id ->
+    log-probability from ``top_logprobs`` (``token_id:N`` keys, as ``return_tokens_as_token_ids``
+    writes them)."""
+    out = []
+    for choice in sorted(response["choices"], key=lambda c: c.get("index", 0)):
+        logprobs = choice.get("logprobs") or {}
+        tops = logprobs.get("top_logprobs") or []
+        if not tops or not tops[0]:
+            raise IrcanError("the model server returned no logprobs: CAD needs an OpenAI-compatible completions "
+                             "endpoint that returns them (vLLM does); check that it serves /v1/completions with "
+                             "logprobs")
+        tokens = [_token_id(t) for t in logprobs.get("tokens") or []]
+        out.append((tokens, [{_token_id(k): float(v) for k, v in top.items()
+                              if k.startswith("token_id:") and float(v) > NO_LOGPROB} for top in tops]))
+    return out
 
 
 def token_logprobs(response: dict[str, Any]) -> dict[int, float]:
-    """token id -> log-probability from a one-token completion's ``top_logprobs``
-    (``token_id:N`` keys, as ``return_tokens_as_token_ids`` writes them)."""
-    choice = response["choices"][0]
-    logprobs = choice.get("logprobs") or {}
-    tops = logprobs.get("top_logprobs") or []
-    if not tops or not tops[0]:
-        raise IrcanError("the model server returned no logprobs: CAD needs an OpenAI-compatible completions "
-                         "endpoint that returns them (vLLM does); check that it serves /v1/completions with "
-                         "logprobs")
-    return {int(key.split(":", 1)[1]): float(value) for key, value in tops[0].items() if key.startswith("token_id:")}
+    """token id -> log-probability at the first position of a completion's first choice."""
+    return position_logprobs(response)[0][1][0]
 
 
 def cad_choice(with_context: dict[int, float], without_context: dict[int, float], alpha: float,
@@ -83,31 +136,84 @@ def cad_choice(with_context: dict[int, float], without_context: dict[int, float]
     return max(with_context, key=lambda t: ((1 + alpha) * with_context[t] - alpha * without_context[t], -rank[t]))
 
 
+def _groups(orders: Sequence[Sequence[int]], cap: int = MAX_TOKEN_IDS) -> Iterator[list[int]]:
+    """Consecutive positions whose candidates together fit in one request's ``logprob_token_ids``
+    (a position with more candidates than the cap goes alone, for the server to refuse)."""
+    group: list[int] = []
+    union: set[int] = set()
+    for i, order in enumerate(orders):
+        if group and len(union | set(order)) > cap:
+            yield group
+            group, union = [], set()
+        group.append(i)
+        union |= set(order)
+    if group:
+        yield group
+
+
+def _padded(ids: set[int], size: int = MAX_TOKEN_IDS) -> list[int]:
+    """``ids`` and then the smallest other ids up to ``size`` (lists of one length are never
+    padded by vLLM, whose padding overwrites a real token 0)."""
+    filler = (i for i in range(size + len(ids)) if i not in ids)
+    return sorted(ids) + [next(filler) for _ in range(size - len(ids))]
+
+
+def _retry(result: CadResult) -> None:
+    result.retries += 1
+    if result.retries > MAX_RETRIES:
+        raise IrcanError(f"the model server returned logprobs for fewer tokens than asked {result.retries} times. "
+                         "vLLM 0.32 does this when a request with logprob_token_ids shares a step with one asking "
+                         "for top logprobs; CAD keeps its own two kinds apart, so another client is sending such "
+                         "requests to this server: give CAD a server of its own")
+
+
 def cad_steps(with_ids: Sequence[int], without_ids: Sequence[int], alpha: float, max_tokens: int,
-              eos_ids: set[int], result: CadResult, candidates: int = DEFAULT_CANDIDATES
-              ) -> Generator[Step, dict[str, Any], None]:
+              eos_ids: set[int], result: CadResult, candidates: int = DEFAULT_CANDIDATES,
+              lookahead: int = DEFAULT_LOOKAHEAD) -> Generator[Step, dict[str, Any], None]:
     """The CAD loop without I/O: send each yielded :class:`Step`, then ``send`` back its JSON
-    response. Chosen tokens are appended to ``result`` as they are chosen (a with-context step
-    following a step means one more token), so a caller can stream them."""
+    response. Chosen tokens are appended to ``result`` as they are chosen, so a caller can stream
+    them; the tokens do not depend on ``lookahead``, only the number of requests does."""
     if alpha < 0:
         raise IrcanError(f"cad_alpha must be >= 0 (0 is plain greedy decoding), got {alpha}")
     if max_tokens < 1:
         raise IrcanError(f"max_tokens must be >= 1 for CAD, got {max_tokens}")
-    for _ in range(max_tokens):
-        generated = result.token_ids
-        ranked = token_logprobs((yield Step([*with_ids, *generated], candidates)))
-        order = sorted(ranked, key=lambda t: -ranked[t])[:candidates]
-        without = token_logprobs((yield Step([*without_ids, *generated], len(order), order)))
-        missing = [t for t in order if t not in without]
-        if missing:
-            raise IrcanError(f"the model server returned no logprobs for tokens {missing[:5]} without the context; "
-                             "CAD needs vLLM's logprob_token_ids (vLLM 0.11 or newer)")
-        token = cad_choice({t: ranked[t] for t in order}, without, alpha, order)
-        result.changed += int(token != order[0])
-        if token in eos_ids:
-            result.finish_reason = "stop"
-            return
-        generated.append(token)
+    if lookahead < 1:
+        raise IrcanError(f"cad_lookahead must be >= 1 (1 is one pair of requests per token), got {lookahead}")
+    generated = result.token_ids
+    while len(generated) < max_tokens:
+        size = min(lookahead, max_tokens - len(generated))
+        result.requests += 1
+        [(draft, ranked)] = position_logprobs((yield Step([*with_ids, *generated], candidates, max_tokens=size)))
+        if not draft or len(draft) != len(ranked):
+            raise IrcanError("the model server returned no generated tokens with their logprobs; CAD needs "
+                             "vLLM's return_tokens_as_token_ids")
+        complete = next((i for i, r in enumerate(ranked) if len(r) < candidates), len(ranked))
+        if complete == 0:
+            _retry(result)
+            continue
+        draft, orders = draft[:complete], [sorted(r, key=lambda t: -r[t])[:candidates] for r in ranked[:complete]]
+        start = list(generated)
+        for group in _groups(orders):
+            ids = _padded(set().union(*(orders[i] for i in group)))
+            while True:
+                result.requests += 1
+                answers = position_logprobs((yield Step([[*without_ids, *start, *draft[:i]] for i in group],
+                                                        len(ids), ids)))
+                if all(t in tops[0] for i, (_tokens, tops) in zip(group, answers) for t in orders[i]):
+                    break
+                _retry(result)
+            for i, (_tokens, tops) in zip(group, answers):
+                token = cad_choice({t: ranked[i][t] for t in orders[i]}, tops[0], alpha, orders[i])
+                result.changed += int(token != orders[i][0])
+                if token in eos_ids:
+                    result.finish_reason = "stop"
+                    return
+                generated.append(token)
+                if token != draft[i] or len(generated) >= max_tokens:
+                    break
+            else:
+                continue
+            break
     result.finish_reason = "length"
 
 
@@ -143,26 +249,29 @@ class _Text:
 
 def cad_session(model: str, with_input: str | list[dict[str, str]], without_input: str | list[dict[str, str]],
                 alpha: float, max_tokens: int, eos_ids: set[int], result: CadResult, *,
-                stop: Sequence[str] | None = None, candidates: int = DEFAULT_CANDIDATES
-                ) -> Generator[Call, Any, None]:
+                stop: Sequence[str] | None = None, candidates: int = DEFAULT_CANDIDATES,
+                lookahead: int = DEFAULT_LOOKAHEAD) -> Generator[Call, Any, None]:
     """One CAD generation as a sequence of :class:`Call` s: tokenize both prompts (``/tokenize``,
     chat messages through the model's chat template), run :func:`cad_steps` on
-    ``/v1/completions``, detokenize as tokens come (``/detokenize``) and emit the text."""
+    ``/v1/completions``, detokenize as tokens come (``/detokenize``, once per round that chose
+    tokens) and emit the text."""
     ids = []
     for given in (with_input, without_input):
         body = ({"model": model, "prompt": given} if isinstance(given, str)
                 else {"model": model, "messages": given, "add_generation_prompt": True})
         ids.append(list((yield Call("/tokenize", body))["tokens"]))
     text = _Text(stop)
-    steps = cad_steps(ids[0], ids[1], alpha, max_tokens, eos_ids, result, candidates)
+    steps = cad_steps(ids[0], ids[1], alpha, max_tokens, eos_ids, result, candidates, lookahead)
     step = next(steps)
+    shown = 0
     while True:
         response = yield Call("/v1/completions", step.body(model))
         try:
             step = steps.send(response)
         except StopIteration:
             break
-        if step.token_ids is None:  # one more token: its text
+        if len(result.token_ids) > shown:  # more tokens: their text
+            shown = len(result.token_ids)
             detok = yield Call("/detokenize", {"model": model, "tokens": result.token_ids})
             delta = text.update(detok["prompt"])
             if delta:
@@ -187,10 +296,90 @@ def _server_root(base_url: str) -> str:
 def _refused(error: Exception, candidates: int) -> BaseException | None:
     """An :class:`IrcanError` saying what to do for a request vLLM refused, or None to re-raise."""
     message = str(error)
+    if "max allowed" in message and "logprob_token_ids" in message:
+        return IrcanError(f"the server scores at most {MAX_TOKEN_IDS} given tokens per request ({message}); pass "
+                          f"cad_candidates at most {MAX_TOKEN_IDS}")
     if "max allowed" in message and "logprobs" in message:
         return IrcanError(f"the server caps logprobs below the {candidates} CAD candidates ({message}); pass "
                           f"cad_candidates at most that cap, or start the server with --max-logprobs {candidates}")
     return None
+
+
+class _Gate:
+    """Lets in requests of one kind at a time, any number of them: a kind waits while the other
+    is in flight, and a kind in flight admits no more of its own while the other waits (so the
+    two alternate, each in one batch). CAD's kinds: top-K ``logprobs`` and ``logprob_token_ids``."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.inside = 0
+        self.waiting: Counter[str] = Counter()
+
+    def may_enter(self, kind: str) -> bool:
+        return self.inside == 0 or (self.kind == kind and not any(n for k, n in self.waiting.items() if k != kind))
+
+    def enter(self, kind: str) -> None:
+        self.waiting[kind] -= 1
+        self.kind, self.inside = kind, self.inside + 1
+
+
+class _ThreadGate(_Gate):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def __call__(self, kind: str) -> Iterator[None]:
+        with self.cond:
+            self.waiting[kind] += 1
+            self.cond.wait_for(lambda: self.may_enter(kind))
+            self.enter(kind)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.inside -= 1
+                self.cond.notify_all()
+
+
+class _TaskGate(_Gate):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = asyncio.Condition()
+
+    @asynccontextmanager
+    async def __call__(self, kind: str) -> AsyncIterator[None]:
+        async with self.cond:
+            self.waiting[kind] += 1
+            await self.cond.wait_for(lambda: self.may_enter(kind))
+            self.enter(kind)
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.inside -= 1
+                self.cond.notify_all()
+
+
+_THREAD_GATES: dict[str, _ThreadGate] = {}
+_TASK_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _TaskGate]] = weakref.WeakKeyDictionary()
+_GATES_LOCK = threading.Lock()
+
+
+def _gated(url: str, call: Call, asynchronous: bool = False) -> Any:
+    """The (async) context manager a call runs in: the gate of its server (one for threads, one
+    per event loop) for CAD's two request kinds, nothing for others (``/tokenize``)."""
+    kind = ("token ids" if "logprob_token_ids" in call.body else
+            "top logprobs" if "logprobs" in call.body else None)
+    if kind is None:
+        return nullcontext()
+    with _GATES_LOCK:
+        if asynchronous:
+            gates: dict[str, Any] = _TASK_GATES.setdefault(asyncio.get_running_loop(), {})
+            gate = gates.setdefault(url, _TaskGate())
+        else:
+            gate = _THREAD_GATES.setdefault(url, _ThreadGate())
+    return gate(kind)
 
 
 class CadClient:
@@ -198,20 +387,24 @@ class CadClient:
     ``openai.AsyncOpenAI`` for :meth:`astream`); errors stay ``openai`` exception types."""
 
     def __init__(self, model: str, alpha: float, eos_ids: Sequence[int], *, client: Any = None,
-                 async_client: Any = None, candidates: int = DEFAULT_CANDIDATES) -> None:
+                 async_client: Any = None, candidates: int = DEFAULT_CANDIDATES,
+                 lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         if alpha < 0:
             raise IrcanError(f"cad_alpha must be >= 0 (0 is plain greedy decoding), got {alpha}")
         if not candidates >= 1:
             raise IrcanError(f"cad_candidates must be at least 1, got {candidates}")
         if not eos_ids:
             raise IrcanError("CAD needs the model's end-of-sequence token ids to know where to stop")
+        if not lookahead >= 1:
+            raise IrcanError(f"cad_lookahead must be at least 1, got {lookahead}")
         self.model, self.alpha, self.eos_ids, self.candidates = model, alpha, set(eos_ids), candidates
+        self.lookahead = lookahead
         self.client, self.async_client = client, async_client
 
     def _session(self, with_input: Any, without_input: Any, max_tokens: int, stop: Sequence[str] | None,
                  result: CadResult) -> Generator[Call, Any, None]:
         return cad_session(self.model, with_input, without_input, self.alpha, max_tokens, self.eos_ids, result,
-                           stop=stop, candidates=self.candidates)
+                           stop=stop, candidates=self.candidates, lookahead=self.lookahead)
 
     def _url(self, client: Any, path: str) -> str:
         return _server_root(client.base_url) + path
@@ -246,7 +439,9 @@ class CadClient:
                 yield call.emit
                 continue
             try:
-                answer = self.client.post(self._url(self.client, call.path), cast_to=object, body=call.body)
+                url = self._url(self.client, call.path)
+                with _gated(_server_root(self.client.base_url), call):
+                    answer = self.client.post(url, cast_to=object, body=call.body)
             except openai.BadRequestError as e:
                 answer = e
 
@@ -261,7 +456,8 @@ class CadClient:
             if call.emit is None:
                 url = self._url(self.async_client, call.path)
                 try:
-                    answer = await self.async_client.post(url, cast_to=object, body=call.body)
+                    async with _gated(_server_root(self.async_client.base_url), call, asynchronous=True):
+                        answer = await self.async_client.post(url, cast_to=object, body=call.body)
                 except openai.BadRequestError as e:
                     answer = e
             else:

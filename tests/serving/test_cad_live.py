@@ -39,6 +39,16 @@ def test_served_cad_equals_transformers_cad(served_and_local):
     assert any(e != p for e, p in zip(expected, plain))
 
 
+def test_concurrent_cad_equals_one_at_a_time(served_and_local):
+    """Eight questions in flight give the tokens of one at a time. vLLM 0.32 returns only the
+    sampled token's logprob to a top-logprobs request that shares a step with a logprob_token_ids
+    one; without CAD's gate this fell back to greedy decoding on most of these prompts."""
+    from ircan_serve.langchain.rag import ask_with_contexts
+
+    llm, rows, served, _expected, _plain = served_and_local
+    assert ask_with_contexts(llm, [(e.question, e.context) for e in rows], concurrency=8) == served
+
+
 def test_cad_works_through_every_langchain_path(served_and_local, vllm_server, patched_smollm2):
     llm, rows, served, _expected, _plain = served_and_local
     e = rows[0]
