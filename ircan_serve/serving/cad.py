@@ -319,7 +319,6 @@ class _Gate:
         return self.inside == 0 or (self.kind == kind and not any(n for k, n in self.waiting.items() if k != kind))
 
     def enter(self, kind: str) -> None:
-        self.waiting[kind] -= 1
         self.kind, self.inside = kind, self.inside + 1
 
 
@@ -332,7 +331,10 @@ class _ThreadGate(_Gate):
     def __call__(self, kind: str) -> Iterator[None]:
         with self.cond:
             self.waiting[kind] += 1
-            self.cond.wait_for(lambda: self.may_enter(kind))
+            try:
+                self.cond.wait_for(lambda: self.may_enter(kind))
+            finally:
+                self.waiting[kind] -= 1
             self.enter(kind)
         try:
             yield
@@ -351,7 +353,11 @@ class _TaskGate(_Gate):
     async def __call__(self, kind: str) -> AsyncIterator[None]:
         async with self.cond:
             self.waiting[kind] += 1
-            await self.cond.wait_for(lambda: self.may_enter(kind))
+            try:  # a task cancelled while it waits must not stay counted
+                await self.cond.wait_for(lambda: self.may_enter(kind))
+            finally:
+                self.waiting[kind] -= 1
+                self.cond.notify_all()
             self.enter(kind)
         try:
             yield

@@ -17,7 +17,7 @@ import torch
 from ircan_serve.errors import IrcanError
 from ircan_serve.generation import greedy_generate
 from ircan_serve.prompts import encode
-from ircan_serve.serving.cad import CadClient, CadResult, _groups, _Text, cad_choice, token_logprobs
+from ircan_serve.serving.cad import CadClient, CadResult, _groups, _TaskGate, _Text, cad_choice, token_logprobs
 
 
 class FakeVLLM:
@@ -206,6 +206,23 @@ def test_the_two_request_kinds_never_overlap_on_one_server(fake, conflicts):
     assert asyncio.run(tasks()) == texts
     assert seen and all(not (s["token ids"] and s["top logprobs"]) for s in seen)
     assert max(s["top logprobs"] for s in seen) > 1 and max(s["token ids"] for s in seen) > 1
+
+
+def test_a_task_cancelled_while_it_waits_leaves_the_gate_as_it_was():
+    async def run():
+        gate = _TaskGate()
+        async with gate("token ids"):
+            waiter = asyncio.create_task(gate("top logprobs").__aenter__())
+            await asyncio.sleep(0.01)
+            assert gate.waiting["top logprobs"] == 1 and not waiter.done()
+            assert not gate.may_enter("token ids")  # the other kind waits: no more of this one
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert gate.waiting["top logprobs"] == 0 and gate.may_enter("token ids")
+        assert gate.inside == 0
+
+    asyncio.run(run())
 
 
 def test_candidates_of_a_long_draft_are_split_under_the_servers_cap():
