@@ -42,7 +42,21 @@ def test_demo_setting_summary_has_intervals_and_tests_against_original_and_instr
     assert m["IRCAN"]["vs original"]["b_only"] == 12 and m["IRCAN"]["vs original"]["p_value"] < 0.001
     assert m["IRCAN"]["vs instruction"]["b_only"] == 7 and m["IRCAN"]["vs instruction"]["a_only"] == 0
     assert m["original"]["vs original"] is None and m["IRCAN"]["memorized"]["k"] == 3
-    assert "own_document" not in out
+    assert "own_document" not in out and "vs CAD" not in m["IRCAN"]
+    assert out["outcomes"]["IRCAN"] == "1" * 17 + "0" * 3 and len(out["outcomes"]["ids"]) == 20
+
+
+def test_ircan_plus_cad_is_also_tested_against_cad_on_the_questions_both_answered():
+    from ircan_serve.demo import summarize_setting
+
+    _, rows = _rows({"original": ["Paris"] * 20, "CAD": ["Lyon"] * 8 + ["Paris"] * 12,
+                     "IRCAN+CAD": ["Lyon"] * 14 + ["Paris"] * 6})
+    for r in rows[10:]:  # CAD asked of the first 10 only (--cad-limit)
+        del r.answers["CAD"], r.answers["IRCAN+CAD"]
+    out = summarize_setting(rows)
+    t = out["methods"]["IRCAN+CAD"]["vs CAD"]
+    assert (t["n"], t["a_only"], t["b_only"]) == (10, 0, 2)
+    assert out["outcomes"]["CAD"] == "1" * 8 + "00" + "-" * 10
 
 
 def test_irrelevant_setting_counts_the_kept_memorized_answer():

@@ -10,6 +10,8 @@ from .run import METHODS, SETTINGS, DemoRow, DemoSet
 
 BASELINES = ("original", "instruction")
 """What every method is tested against: what users have without us, and the free prompt fix."""
+STACKED = {"IRCAN+CAD": "CAD"}
+"""Methods also tested against what they stack on (IRCAN + CAD: at least CAD's rate?)."""
 
 
 def _rate(values: list[bool]) -> dict[str, Any]:
@@ -40,9 +42,13 @@ def summarize_setting(rows: list[DemoRow], relevant: bool = True) -> dict[str, A
             continue
         entry: dict[str, Any] = {"goal": _rate([goal(r, m) for r in answered]),
                  "memorized": _rate([r.stubborn(m) for r in answered])}
-        for base in BASELINES:
+        for base in (*BASELINES, *([STACKED[m]] if m in STACKED else [])):
             entry[f"vs {base}"] = _paired(answered, goal, base, m)
         out["methods"][m] = entry
+    # each question's outcome per method ("1": the goal, "0": not, "-": not asked), for other paired tests
+    out["outcomes"] = {"ids": [r.example.id for r in rows],
+                       **{m: "".join("-" if m not in r.answers else "1" if goal(r, m) else "0" for r in rows)
+                          for m in out["methods"]}}
     return out
 
 
@@ -88,6 +94,10 @@ def print_summary(console: Any, s: DemoSet, summary: dict[str, Any]) -> None:
                           _test_cell(e["vs original"]), _test_cell(e["vs instruction"]),
                           f"{mem['rate']:.3f}")
         console.print(table)
+        for m, base in STACKED.items():
+            t = setting["methods"].get(m, {}).get(f"vs {base}")
+            if t:
+                console.print(f"  {m} vs {base} on the same questions: {_test_cell(t)}")
     for metric, label in (("locality", "locality facts (no context)"), ("agreeing", "agreeing contexts")):
         per = summary.get(metric) or {}
         parts = [f"{m} {v['k']}/{v['n']} = {v['rate']:.3f}" for m, v in per.items() if m != "mcnemar"]
