@@ -30,7 +30,7 @@ engine step with requests asking for top-K ``logprobs``, those get only their sa
 log-probability (and ``token_id:0`` at -9999) instead of their top K; and in a step where several
 ``logprob_token_ids`` lists differ in length, the shorter ones are padded with token 0 at -inf,
 which overwrites a real token 0. So requests of the two kinds from CAD never overlap on one
-server (:class:`_Gate`, shared by every client of that server in this process), every
+server (:mod:`~ircan_serve.serving.cad_gate`, shared by every client of that server in this process), every
 ``logprob_token_ids`` list has the same length (:data:`MAX_TOKEN_IDS`, padded with tokens no one
 reads), and a response that still lacks logprobs -- another client's requests mixed in -- is cut
 to its complete positions or sent again (``CadResult.retries``).
@@ -42,16 +42,12 @@ HTTP client alike, and tests can drive it with anything.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import weakref
-from collections import Counter
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IrcanError
+from .cad_gate import gated
 
 DEFAULT_CANDIDATES = 20
 """Candidates per step: vLLM's default ``--max-logprobs``."""
@@ -305,89 +301,6 @@ def _refused(error: Exception, candidates: int) -> BaseException | None:
     return None
 
 
-class _Gate:
-    """Lets in requests of one kind at a time, any number of them: a kind waits while the other
-    is in flight, and a kind in flight admits no more of its own while the other waits (so the
-    two alternate, each in one batch). CAD's kinds: top-K ``logprobs`` and ``logprob_token_ids``."""
-
-    def __init__(self) -> None:
-        self.kind: str | None = None
-        self.inside = 0
-        self.waiting: Counter[str] = Counter()
-
-    def may_enter(self, kind: str) -> bool:
-        return self.inside == 0 or (self.kind == kind and not any(n for k, n in self.waiting.items() if k != kind))
-
-    def enter(self, kind: str) -> None:
-        self.kind, self.inside = kind, self.inside + 1
-
-
-class _ThreadGate(_Gate):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cond = threading.Condition()
-
-    @contextmanager
-    def __call__(self, kind: str) -> Iterator[None]:
-        with self.cond:
-            self.waiting[kind] += 1
-            try:
-                self.cond.wait_for(lambda: self.may_enter(kind))
-            finally:
-                self.waiting[kind] -= 1
-            self.enter(kind)
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.inside -= 1
-                self.cond.notify_all()
-
-
-class _TaskGate(_Gate):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cond = asyncio.Condition()
-
-    @asynccontextmanager
-    async def __call__(self, kind: str) -> AsyncIterator[None]:
-        async with self.cond:
-            self.waiting[kind] += 1
-            try:  # a task cancelled while it waits must not stay counted
-                await self.cond.wait_for(lambda: self.may_enter(kind))
-            finally:
-                self.waiting[kind] -= 1
-                self.cond.notify_all()
-            self.enter(kind)
-        try:
-            yield
-        finally:
-            async with self.cond:
-                self.inside -= 1
-                self.cond.notify_all()
-
-
-_THREAD_GATES: dict[str, _ThreadGate] = {}
-_TASK_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _TaskGate]] = weakref.WeakKeyDictionary()
-_GATES_LOCK = threading.Lock()
-
-
-def _gated(url: str, call: Call, asynchronous: bool = False) -> Any:
-    """The (async) context manager a call runs in: the gate of its server (one for threads, one
-    per event loop) for CAD's two request kinds, nothing for others (``/tokenize``)."""
-    kind = ("token ids" if "logprob_token_ids" in call.body else
-            "top logprobs" if "logprobs" in call.body else None)
-    if kind is None:
-        return nullcontext()
-    with _GATES_LOCK:
-        if asynchronous:
-            gates: dict[str, Any] = _TASK_GATES.setdefault(asyncio.get_running_loop(), {})
-            gate = gates.setdefault(url, _TaskGate())
-        else:
-            gate = _THREAD_GATES.setdefault(url, _ThreadGate())
-    return gate(kind)
-
-
 class CadClient:
     """CAD on one vLLM server through its OpenAI clients (``openai.OpenAI`` for :meth:`stream`,
     ``openai.AsyncOpenAI`` for :meth:`astream`); errors stay ``openai`` exception types."""
@@ -446,7 +359,7 @@ class CadClient:
                 continue
             try:
                 url = self._url(self.client, call.path)
-                with _gated(_server_root(self.client.base_url), call):
+                with gated(_server_root(self.client.base_url), call.body):
                     answer = self.client.post(url, cast_to=object, body=call.body)
             except openai.BadRequestError as e:
                 answer = e
@@ -462,7 +375,7 @@ class CadClient:
             if call.emit is None:
                 url = self._url(self.async_client, call.path)
                 try:
-                    async with _gated(_server_root(self.async_client.base_url), call, asynchronous=True):
+                    async with gated(_server_root(self.async_client.base_url), call.body, asynchronous=True):
                         answer = await self.async_client.post(url, cast_to=object, body=call.body)
                 except openai.BadRequestError as e:
                     answer = e

@@ -17,7 +17,8 @@ import torch
 from ircan_serve.errors import IrcanError
 from ircan_serve.generation import greedy_generate
 from ircan_serve.prompts import encode
-from ircan_serve.serving.cad import CadClient, CadResult, _groups, _TaskGate, _Text, cad_choice, token_logprobs
+from ircan_serve.serving.cad import CadClient, CadResult, _groups, _Text, cad_choice, token_logprobs
+from ircan_serve.serving.cad_gate import _TaskGate
 
 
 class FakeVLLM:
