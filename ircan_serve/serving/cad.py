@@ -159,8 +159,9 @@ def _retry(result: CadResult) -> None:
     if result.retries > MAX_RETRIES:
         raise IrcanError(f"the model server returned logprobs for fewer tokens than asked {result.retries} times. "
                          "vLLM 0.32 does this when a request with logprob_token_ids shares a step with one asking "
-                         "for top logprobs; CAD keeps its own two kinds apart, so another client is sending such "
-                         "requests to this server: give CAD a server of its own")
+                         "for top logprobs; CAD keeps its own two kinds apart, so either another client is sending "
+                         "such requests to this server (give CAD a server of its own) or the server ignores "
+                         "logprob_token_ids (it needs vLLM 0.11 or newer)")
 
 
 def cad_steps(with_ids: Sequence[int], without_ids: Sequence[int], alpha: float, max_tokens: int,
