@@ -199,6 +199,7 @@ def cad_steps(with_ids: Sequence[int], without_ids: Sequence[int], alpha: float,
                 if all(t in tops[0] for i, (_tokens, tops) in zip(group, answers) for t in orders[i]):
                     break
                 _retry(result)
+            round_over = False  # CAD left the draft, or max_tokens reached: the next round drafts anew
             for i, (_tokens, tops) in zip(group, answers):
                 token = cad_choice({t: ranked[i][t] for t in orders[i]}, tops[0], alpha, orders[i])
                 result.changed += int(token != orders[i][0])
@@ -206,11 +207,11 @@ def cad_steps(with_ids: Sequence[int], without_ids: Sequence[int], alpha: float,
                     result.finish_reason = "stop"
                     return
                 generated.append(token)
-                if token != draft[i] or len(generated) >= max_tokens:
+                round_over = token != draft[i] or len(generated) >= max_tokens
+                if round_over:
                     break
-            else:
-                continue
-            break
+            if round_over:
+                break
     result.finish_reason = "length"
 
 

@@ -87,6 +87,12 @@ def tool_call_parser(model_dir: str | Path, config: ServeConfig) -> str:
     return parser
 
 
+CPU_BLOCK_SIZE = 32
+"""KV-cache block on a CPU (vLLM's CPU default is 128, its attention kernel needs a multiple of 32).
+Prefix caching reuses whole blocks only, so at 128 a prompt under 128 tokens is never reused: served
+CAD's many short prompts sharing a prefix were all computed in full. At 32, measured (SmolLM2, 2
+cores): CAD 1.9x faster at 8 in flight, plain decoding no slower."""
+
 KV_SEQUENCES = 16
 """Full-length sequences the CPU KV cache is sized for by default (fewer when memory is short)."""
 KV_SHARE = 0.25
@@ -134,7 +140,8 @@ def _given(extra: list[str], flag: str) -> bool:
 
 def build_command(model_dir: str | Path, config: ServeConfig, port: int, name: str) -> list[str]:
     """The vLLM server command line for ``model_dir`` with ``config``. On a CPU the KV cache is
-    sized for the model and the machine (:func:`cpu_sizing`) unless a memory flag is given."""
+    sized for the model and the machine (:func:`cpu_sizing`) unless a memory flag is given, in
+    blocks of :data:`CPU_BLOCK_SIZE` tokens unless ``--block-size`` is given."""
     gpu = has_gpu()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -156,6 +163,8 @@ def build_command(model_dir: str | Path, config: ServeConfig, port: int, name: s
         log.info("vLLM on CPU: %s", sizing.note)
     if eager:
         cmd.append("--enforce-eager")
+    if not gpu and not _given(config.extra_args, "--block-size"):
+        cmd += ["--block-size", str(CPU_BLOCK_SIZE)]
     if max_len:
         cmd += ["--max-model-len", str(max_len)]
     if config.enable_tools:

@@ -64,6 +64,9 @@ def test_cpu_defaults_in_command(tmp_path):
     if not torch.cuda.is_available():
         assert "--dtype float32" in joined and "--kv-cache-memory-bytes" in joined
         assert "--enforce-eager" in cmd and "--gpu-memory-utilization" not in joined
+        assert "--block-size 32" in joined  # prefix caching in blocks short prompts fill (CAD)
+        mine = build_command(tmp_path, ServeConfig(extra_args=["--block-size=64"]), 8001, "m")
+        assert "--block-size=64" in mine and "--block-size" not in mine  # the user's flag wins
     assert cmd[-2:] == ["--max-num-seqs", "4"]
 
 
