@@ -64,10 +64,21 @@ def test_cpu_defaults_in_command(tmp_path):
     if not torch.cuda.is_available():
         assert "--dtype float32" in joined and "--kv-cache-memory-bytes" in joined
         assert "--enforce-eager" in cmd and "--gpu-memory-utilization" not in joined
-        assert "--block-size 32" in joined  # prefix caching in blocks short prompts fill (CAD)
-        mine = build_command(tmp_path, ServeConfig(extra_args=["--block-size=64"]), 8001, "m")
-        assert "--block-size=64" in mine and "--block-size" not in mine  # the user's flag wins
     assert cmd[-2:] == ["--max-num-seqs", "4"]
+
+
+def test_cpu_kv_blocks_small_enough_for_prefix_caching(tmp_path, monkeypatch):
+    """On a CPU vLLM's default block is 128 tokens, so short prompts (served CAD's) never hit the
+    prefix cache: 32 unless the user says otherwise; a GPU keeps vLLM's own block size."""
+    from ircan_serve.serving import command
+
+    (tmp_path / "config.json").write_text(TINY_CONFIG)
+    monkeypatch.setattr(command, "has_gpu", lambda: False)
+    assert "--block-size 32" in " ".join(build_command(tmp_path, ServeConfig(), 8001, "m"))
+    mine = build_command(tmp_path, ServeConfig(extra_args=["--block-size=64"]), 8001, "m")
+    assert "--block-size=64" in mine and "--block-size" not in mine  # the user's flag wins
+    monkeypatch.setattr(command, "has_gpu", lambda: True)
+    assert not any(a.startswith("--block-size") for a in build_command(tmp_path, ServeConfig(), 8001, "m"))
 
 
 def test_cpu_kv_cache_is_sized_for_the_model_and_the_memory(tmp_path, monkeypatch):
