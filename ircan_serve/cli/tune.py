@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p.add_argument("--rule", nargs="+", default=["paper", "signed"], choices=["paper", "signed"],
                    help="reweighting rules to search (default both)")
     p.add_argument("--max-drop", type=float, default=0.02,
-                   help="grid points that lose more than this accuracy on the dev rows' locality facts "
-                        "or agreeing contexts are collapsed and never chosen")
+                   help="grid points that lose more than this accuracy on the dev rows' locality facts, "
+                        "agreeing contexts or irrelevant documents (the memorized answer kept) are collapsed and "
+                        "never chosen")
     p.add_argument("--no-write", dest="write", action="store_false",
                    help="only report; do not write the choice into the recipe")
     p.add_argument("--fit", action="store_true",
@@ -58,7 +59,7 @@ def run(ns: argparse.Namespace) -> None:
              else "rows disjoint from the attribution rows")
     table = Table(title=f"tune {recipe.name}: {done.dev_rows} dev rows, {which}")
     for col in ("rule", "h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)",
-                "locality", "agreeing ctx", "KL", "collapsed"):
+                "locality", "agreeing ctx", "irrelevant docs", "KL", "collapsed"):
         table.add_column(col, justify="right")
     for row in result.table():
         table.add_row(*row)
@@ -66,7 +67,8 @@ def run(ns: argparse.Namespace) -> None:
     console.print(table)
     oc = result.original_checks
     console.print(f"original: accuracy {result.original.accuracy:.3f}, stubbornness "
-                  f"{result.original.stubbornness:.3f}, locality {oc.locality}, agreeing {oc.agreeing}; "
+                  f"{result.original.stubbornness:.3f}, locality {oc.locality}, agreeing {oc.agreeing}, "
+                  f"irrelevant {oc.irrelevant}; "
                   f"grid of {len(result.grid)} points in {result.seconds:.0f} s")
     if result.best_shrink is not None:
         b = result.best_shrink
@@ -96,6 +98,7 @@ def _fit(recipe: Any, ns: argparse.Namespace) -> None:
         p = step.point
         console.print(f"+ {step.unit.label} x{step.unit.scale:g}: dev accuracy {p.dev.accuracy:.3f}, agreement "
                       f"{p.agreement:.2f}, locality {p.checks.locality}, agreeing {p.checks.agreeing}, "
+                      f"irrelevant {p.checks.irrelevant}, "
                       f"by format {p.by_format} ({step.tried} tries)")
     console.print(f"{len(result.steps)} units in {result.seconds:.0f} s; fit in {report}")
     if ns.write and result.units.neurons:

@@ -180,4 +180,14 @@ def mixed(rows: Sequence[ConflictExample], names: Sequence[str], pool: ContextPo
     what the rows alone cost."""
     for name in names:
         context_format(name)
-    return [in_context(e, names[i % len(names)], pool, render) for i, e in enumerate(rows)]
+    return [with_irrelevant(in_context(e, names[i % len(names)], pool, render), e, pool, render)
+            for i, e in enumerate(rows)]
+
+
+def with_irrelevant(built: ConflictExample, e: ConflictExample, pool: ContextPool,
+                    render: Callable[..., str]) -> ConflictExample:
+    """``built`` (``e`` in some format) with its ``irrelevant_prompt``: ``e``'s question after the
+    nearest documents about other subjects, the side check where the model keeps its answer."""
+    if not e.question:
+        return built
+    return built.model_copy(update={"irrelevant_prompt": render(e.question, _irrelevant(e, pool))})

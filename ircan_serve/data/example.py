@@ -31,6 +31,9 @@ class ConflictExample(BaseModel):
     agreeing_prompt: str | None = Field(
         None, description="The prompt with a context that states the memorized (true) answer: "
         "a side-effect check, where following the context must still give the true answer.")
+    irrelevant_prompt: str | None = Field(
+        None, description="The question after documents about other subjects only (as a retriever returns them when "
+        "the corpus lacks the answer): a side-effect check, where the model must keep its memorized answer.")
     locality_question: str | None = Field(None, description="An unrelated fact's question (unrendered).")
     locality_prompt: str | None = Field(None, description="That question rendered without context.")
     locality_answer: str | None = Field(None, description="Its answer, as it continues the prompt.")

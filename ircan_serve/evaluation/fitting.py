@@ -6,8 +6,8 @@ selection: from the most frequent units of each kind (``candidates``), each roun
 unit not chosen yet at every factor of ``factors`` on top of the units chosen so far, ranks the
 tries by dev accuracy (the task's first-token score, on every dev row, all context formats
 mixed), and keeps the best try that passes the same checks as the grid (top-1 agreement without
-context, locality and agreeing contexts in every format) and gains at least one dev row. It stops
-when no try does, or at ``max_units``.
+context, locality and agreeing contexts in every format, irrelevant documents over all rows) and
+gains at least one dev row. It stops when no try does, or at ``max_units``.
 """
 
 from __future__ import annotations

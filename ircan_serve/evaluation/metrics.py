@@ -14,7 +14,8 @@ Predictions per task (IRCAN, Section 4.1):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -109,20 +110,42 @@ def agreement(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[str],
     return agree, kl
 
 
-def side_scores(model: PreTrainedModel, tokenizer: Any, examples: Sequence[ConflictExample]
-                ) -> tuple[Score | None, Score | None]:
-    """(locality, agreeing-context) first-token scores of the model as it is, on the rows that
-    have them (None where none does): the true answer of an unrelated fact without context, and
-    the true answer when the context states it. A weight patch must keep both."""
-    out: list[Score | None] = []
-    for prompt_of, answer_of in ((lambda e: e.locality_prompt, lambda e: e.locality_answer),
-                                 (lambda e: e.agreeing_prompt, lambda e: e.memorized)):
-        rows = [e for e in examples if prompt_of(e) and answer_of(e)]
+@dataclass(frozen=True)
+class SideCheck:
+    """A prompt where a weight patch must keep the original's (true) answer."""
+
+    prompt: Callable[[ConflictExample], str | None]
+    answer: Callable[[ConflictExample], str | None]
+    description: str
+    per_format: bool = True
+    """Checked in each context format of the rows apart (False: its prompt does not depend on the
+    row's context format, so it is checked once over all rows)."""
+
+
+SIDE_CHECKS: dict[str, SideCheck] = {
+    "locality": SideCheck(lambda e: e.locality_prompt, lambda e: e.locality_answer,
+                          "an unrelated fact without context: its true answer"),
+    "agreeing": SideCheck(lambda e: e.agreeing_prompt, lambda e: e.memorized,
+                          "a context that states the true answer: that answer"),
+    "irrelevant": SideCheck(lambda e: e.irrelevant_prompt, lambda e: e.memorized,
+                            "documents about other subjects only: the memorized answer, kept", per_format=False),
+}
+"""Side check name -> its prompt and the answer it must keep (first token)."""
+
+
+def side_scores(model: PreTrainedModel, tokenizer: Any, examples: Sequence[ConflictExample],
+                names: Sequence[str] | None = None) -> dict[str, Score | None]:
+    """Each of :data:`SIDE_CHECKS`' (or those ``names``) first-token scores of the model as it is,
+    on the rows that have its prompt (None where none does). A weight patch must keep them all."""
+    out: dict[str, Score | None] = {}
+    for name in names if names is not None else list(SIDE_CHECKS):
+        check = SIDE_CHECKS[name]
+        rows = [e for e in examples if check.prompt(e) and check.answer(e)]
         if not rows:
-            out.append(None)
+            out[name] = None
             continue
-        prompts = [prompt_of(e) for e in rows]
+        prompts = [check.prompt(e) or "" for e in rows]
         top = next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()
-        hits = [t == answer_token_id(tokenizer, p, answer_of(e)) for t, p, e in zip(top, prompts, rows)]
-        out.append(score(hits, [False] * len(hits)))
-    return out[0], out[1]
+        hits = [t == answer_token_id(tokenizer, p, check.answer(e) or "") for t, p, e in zip(top, prompts, rows)]
+        out[name] = score(hits, [False] * len(hits))
+    return out

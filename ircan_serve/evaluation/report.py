@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .metrics import SIDE_CHECKS
 from .runner import summarize
 
 
@@ -39,17 +40,19 @@ def markdown(data: dict[str, Any], title: str) -> str:
     for r in rows:
         name = r["method"] + (f" ({r['seeds']} seeds)" if r["seeds"] > 1 else "")
         lines.append(f"| {name} | {_cell(r, 'first_token')} |" + (f" {_cell(r, 'generation')} |" if has_gen else ""))
-    checks = [r for r in rows if r.get("locality.accuracy") is not None or r.get("agreeing.accuracy") is not None]
+    names = [m for m in SIDE_CHECKS if any(r.get(f"{m}.accuracy") is not None for r in rows)]
+    checks = [r for r in rows if any(r.get(f"{m}.accuracy") is not None for m in names)]
     if checks:
-        lines += ["", "Side checks (first token; must not drop): locality facts without context, and "
-                  "contexts that state the true answer.", "",
-                  "| method | locality accuracy | agreeing-context accuracy |", "| --- | --- | --- |"]
+        lines += ["", "Side checks (first token; must not drop): "
+                  + "; ".join(f"{m}: {SIDE_CHECKS[m].description}" for m in names) + ".", "",
+                  "| method | " + " | ".join(f"{m} accuracy" for m in names) + " |",
+                  "| --- |" + " --- |" * len(names)]
         for r in checks:
             cells = []
-            for m in ("locality", "agreeing"):
+            for m in names:
                 acc, ci = r.get(f"{m}.accuracy"), r.get(f"{m}.accuracy.ci")
                 cells.append("–" if acc is None else f"{acc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
-            lines.append(f"| {r['method']} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     fx = data.get("side_effects")
     if fx:
         lines += ["", f"Side effects of IRCAN on the same rows without context: top-1 agreement with the "

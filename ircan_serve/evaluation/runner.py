@@ -25,7 +25,7 @@ from ..errors import IrcanError
 from ..files import atomic_write_json
 from ..generation import cad_logits, greedy_generate, next_token_logits
 from .methods import Method
-from .metrics import Score, agreement, score, score_choices, score_first_tokens, side_scores
+from .metrics import SIDE_CHECKS, Score, agreement, score, score_choices, score_first_tokens, side_scores
 
 
 class MethodResult(BaseModel):
@@ -37,6 +37,8 @@ class MethodResult(BaseModel):
     generation: Score | None = None
     locality: Score | None = Field(None, description="Locality facts without context: the true answer's first token.")
     agreeing: Score | None = Field(None, description="Contexts stating the true answer: its first token.")
+    irrelevant: Score | None = Field(None, description="Documents about other subjects only: the memorized "
+                                     "answer's first token, kept.")
     seconds: float
 
 
@@ -85,10 +87,10 @@ def run_method(model: Any, tokenizer: Any, examples: list[ConflictExample], meth
                 generation = score([answer_matches(t, e.answer) for t, e in zip(texts, examples)],
                                    [answer_matches(t, e.memorized) for t, e in zip(texts, examples)])
         # the side checks measure a weight patch; prompt methods and CAD leave the weights as they are
-        locality, agreeing = (side_scores(model, tokenizer, examples)
-                              if method.neurons is not None or method.name == "original" else (None, None))
+        sides = (side_scores(model, tokenizer, examples)
+                 if method.neurons is not None or method.name == "original" else {})
     return MethodResult(method=method.name, seed=method.seed, first_token=first, generation=generation,
-                        locality=locality, agreeing=agreeing, seconds=time.perf_counter() - t0)
+                        **sides, seconds=time.perf_counter() - t0)
 
 
 def side_effects(model: Any, tokenizer: Any, examples: list[ConflictExample], method: Method) -> SideEffects:
@@ -162,7 +164,7 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, runs in rows.items():
         row: dict[str, Any] = {"method": name, "seeds": len(runs)}
-        for metric in ("first_token", "generation", "locality", "agreeing"):
+        for metric in ("first_token", "generation", *SIDE_CHECKS):
             for field in ("accuracy", "stubbornness"):
                 values = [r[metric][field] for r in runs if r.get(metric)]
                 if values:

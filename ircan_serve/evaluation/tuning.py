@@ -2,8 +2,9 @@
 
 Every grid point patches one loaded model inside :func:`~ircan_serve.reweight.reweighted`, scores
 the dev rows with the task's logit metric, and checks the patched model against the original:
-on the same rows *without* context (top-1 agreement, KL), on the rows' locality facts and on
-contexts that agree with the true answer. Points that fail a check are marked as collapsed and
+on the same rows *without* context (top-1 agreement, KL), on the rows' locality facts, on
+contexts that agree with the true answer and, where the rows have them, on documents about other
+subjects only (where the model must keep its memorized answer). Points that fail a check are marked as collapsed and
 never chosen: large h with large beta breaks small models (../shared/FINDINGS.md).
 """
 
@@ -22,7 +23,7 @@ from ..errors import IrcanError
 from ..generation import next_token_logits
 from ..reweight import reweighted
 from ..units import UnitSet
-from .metrics import Score, agreement, logit_score, side_scores
+from .metrics import SIDE_CHECKS, Score, agreement, logit_score, side_scores
 
 
 class SideChecks(BaseModel):
@@ -30,6 +31,7 @@ class SideChecks(BaseModel):
 
     locality: float | None = Field(None, description="Locality facts without context (true answer).")
     agreeing: float | None = Field(None, description="Contexts that state the true answer.")
+    irrelevant: float | None = Field(None, description="Documents about other subjects only: the memorized answer.")
 
 
 class GridPoint(BaseModel):
@@ -69,7 +71,8 @@ class TuneResult(BaseModel):
         for p in self.grid:
             units = f"{p.h}+{p.g}h" if p.g else str(p.h)
             rows.append([p.rule, units, f"{p.beta:g}", f"{p.dev.accuracy:.3f}", f"{p.dev.stubbornness:.3f}",
-                         f"{p.agreement:.2f}", _fmt(p.checks.locality), _fmt(p.checks.agreeing), f"{p.kl:.3f}",
+                         f"{p.agreement:.2f}", _fmt(p.checks.locality), _fmt(p.checks.agreeing),
+                         _fmt(p.checks.irrelevant), f"{p.kl:.3f}",
                          p.reason])
         return rows
 
@@ -78,11 +81,16 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def side_checks(model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> SideChecks:
+PER_FORMAT = [name for name, check in SIDE_CHECKS.items() if check.per_format]
+"""Side checks held in each context format of the dev rows apart; the others over all dev rows."""
+OVERALL = [name for name in SIDE_CHECKS if name not in PER_FORMAT]
+
+
+def side_checks(model: Any, tokenizer: Any, dev: Sequence[ConflictExample],
+                names: Sequence[str] | None = None) -> SideChecks:
     """The side checks' accuracies (:func:`.metrics.side_scores`) of the model as it is."""
-    locality, agreeing = side_scores(model, tokenizer, dev)
-    return SideChecks(locality=locality.accuracy if locality else None,
-                      agreeing=agreeing.accuracy if agreeing else None)
+    return SideChecks(**{name: s.accuracy if s else None
+                         for name, s in side_scores(model, tokenizer, dev, names).items()})
 
 
 def by_format(dev: Sequence[ConflictExample]) -> dict[str, list[ConflictExample]]:
@@ -100,20 +108,22 @@ def collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agre
     reasons = []
     if agree < min_agreement:
         reasons.append(f"agreement {agree:.2f} < {min_agreement}")
-    for name in ("locality", "agreeing"):
+    for name in SIDE_CHECKS:
         now, before = getattr(checks, name), getattr(base, name)
         if now is not None and before is not None and before - now > max_drop:
             reasons.append(f"{name} -{before - now:.3f}")
     return "; ".join(reasons)
 
 
-def _merged(checks: dict[str, SideChecks], groups: dict[str, list[ConflictExample]]) -> SideChecks:
-    """Side checks over all formats: each format's accuracy weighted by its rows."""
+def _merged(checks: dict[str, SideChecks], groups: dict[str, list[ConflictExample]], overall: SideChecks
+            ) -> SideChecks:
+    """Side checks over all dev rows: each format's accuracy weighted by its rows, and ``overall``'s
+    checks (those held over all rows) as they are."""
     out = {}
-    for field in ("locality", "agreeing"):
+    for field in PER_FORMAT:
         parts = [(getattr(c, field), len(groups[name])) for name, c in checks.items() if getattr(c, field) is not None]
         out[field] = sum(v * n for v, n in parts) / sum(n for _, n in parts) if parts else None
-    return SideChecks(**out)
+    return SideChecks(**out, **{field: getattr(overall, field) for field in OVERALL})
 
 
 @dataclass
@@ -124,6 +134,7 @@ class Baseline:
     plain: list[str]
     reference: Any
     checks: dict[str, SideChecks]
+    overall: SideChecks
 
     @classmethod
     def measure(cls, model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> Baseline:
@@ -131,21 +142,24 @@ class Baseline:
         groups = by_format(dev)
         plain = [e.prompt_without_context for e in dev]
         return cls(groups, plain, next_token_logits(model, tokenizer, plain),
-                   {name: side_checks(model, tokenizer, rows) for name, rows in groups.items()})
+                   {name: side_checks(model, tokenizer, rows, PER_FORMAT) for name, rows in groups.items()},
+                   side_checks(model, tokenizer, dev, OVERALL))
 
 
 def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base: Baseline, patch: UnitSet,
                 key: tuple[Rule, int, int, float], min_agreement: float, max_drop: float) -> GridPoint:
     """One point (``patch``: units with their factors; ``key``: how it is labelled): scored on every
-    dev row, checked in every context format."""
+    dev row, checked in every context format (and over all rows for the checks not held per format)."""
     rule, h, g, beta = key
     with reweighted(model, patch):
         dev_score = logit_score(model, tokenizer, dev)
         agree, kl = agreement(model, tokenizer, base.plain, base.reference)
         # a point that already fails the agreement check is not scored on the side checks
-        checks = ({name: side_checks(model, tokenizer, rows) for name, rows in base.groups.items()}
-                  if agree >= min_agreement else {})
-    reasons = [collapse_reason(agree, SideChecks(), SideChecks(), min_agreement, max_drop)]
+        checked = agree >= min_agreement
+        checks = ({name: side_checks(model, tokenizer, rows, PER_FORMAT) for name, rows in base.groups.items()}
+                  if checked else {})
+        overall = side_checks(model, tokenizer, dev, OVERALL) if checked else SideChecks()
+    reasons = [collapse_reason(agree, overall, base.overall, min_agreement, max_drop)]
     reasons += [f"{name}: {r}" if len(base.groups) > 1 else r for name, c in checks.items()
                 if (r := collapse_reason(1.0, c, base.checks[name], min_agreement, max_drop))]
     reason = "; ".join(r for r in reasons if r)
@@ -153,7 +167,7 @@ def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base
     per_format = {name: sum(dev_score.correct[ids[e.id]] for e in rows) / len(rows)  # type: ignore[index]
                   for name, rows in base.groups.items()}
     return GridPoint(rule=rule, h=h, g=g, beta=beta, dev=dev_score, agreement=agree, kl=kl,
-                     checks=_merged(checks, base.groups),
+                     checks=_merged(checks, base.groups, overall),
                      by_format=per_format, collapsed=bool(reason), reason=reason)
 
 
@@ -165,7 +179,8 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
 
     A point is *collapsed* (never chosen) when its top-1 agreement with the original on the dev
     prompts without context falls below ``min_agreement``, or when accuracy on the dev rows'
-    locality facts or agreeing contexts drops by more than ``max_drop`` in any context format of
+    locality facts, agreeing contexts or irrelevant documents (:data:`.metrics.SIDE_CHECKS`) drops
+    by more than ``max_drop`` in any context format of
     the dev rows. ``best`` is the best remaining enhancing point (beta > 1) by dev accuracy, ties
     broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink`` the same among
     beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the units that help and
@@ -193,7 +208,7 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
                    default=None)
 
     ok = [p for p in grid if not p.collapsed]
-    return TuneResult(original=original, original_checks=_merged(base.checks, base.groups), grid=grid,
+    return TuneResult(original=original, original_checks=_merged(base.checks, base.groups, base.overall), grid=grid,
                       best=pick([p for p in ok if p.enhancing]),
                       best_shrink=pick([p for p in ok if p.beta < 1]), min_agreement=min_agreement,
                       max_drop=max_drop, seconds=time.perf_counter() - t0)

@@ -51,7 +51,11 @@ def test_a_mix_takes_the_formats_in_turn_and_the_table_names_itself(rows):
     pool = ContextPool(rows)
     mix = mixed(rows[:6], ["sentence", "passage-qa"], pool, _render)
     assert [format_of(e) for e in mix] == ["sentence", "passage-qa"] * 3
-    assert mix[0] == rows[0]  # a sentence row is the row as loaded
+    # every row, in any format, carries the irrelevant side check: its question after other subjects' documents
+    assert mix[0].model_copy(update={"irrelevant_prompt": None}) == rows[0]  # otherwise a sentence row is as loaded
+    for e, built in zip(rows[:6], mix):
+        assert built.irrelevant_prompt == _render(e.question, in_context(e, "irrelevant", pool, _render).context)
+        assert e.context not in built.irrelevant_prompt and built.irrelevant_prompt.endswith(_render(e.question))
     with pytest.raises(IrcanError, match="context format 'essay' does not exist.*CONTEXTS"):
         mixed(rows[:2], ["essay"], pool, _render)
     assert set(CONTEXTS) >= {"sentence", "passage-prose", "passage-list", "passage-qa", "topk", "irrelevant"}

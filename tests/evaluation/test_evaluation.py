@@ -85,7 +85,7 @@ def test_interrupted_eval_keeps_results_and_resumes(tmp_path, tiny_llama, confli
     lo, hi = rows["ircan"]["first_token.accuracy.ci"]
     assert lo <= rows["ircan"]["first_token.accuracy"] <= hi
     assert 0 <= rows["ircan"]["first_token.p_value"] <= 1 and "first_token.p_value" not in rows["original"]
-    assert rows["ircan"]["agreeing.accuracy"] is not None and "agreeing-context accuracy" in text
+    assert rows["ircan"]["agreeing.accuracy"] is not None and "agreeing accuracy" in text
 
 
 def test_empty_test_split_is_an_error(tmp_path, tiny_llama):

@@ -79,6 +79,37 @@ def test_side_check_drop_collapses_a_point(tiny_llama, conflicts):
     assert "locality" in collapse_reason(0.95, SideChecks(locality=0.85, agreeing=0.8), base, 0.8, 0.02)
     assert "agreeing" in collapse_reason(0.95, SideChecks(locality=0.9, agreeing=0.7), base, 0.8, 0.02)
     assert "agreement" in collapse_reason(0.5, base, base, 0.8, 0.02)
+    kept = SideChecks(irrelevant=0.7)
+    assert collapse_reason(0.95, SideChecks(irrelevant=0.69), kept, 0.8, 0.02) == ""
+    assert "irrelevant -0.100" in collapse_reason(0.95, SideChecks(irrelevant=0.6), kept, 0.8, 0.02)
+
+
+def test_irrelevant_check_is_held_over_all_dev_rows_and_collapses_a_point_that_drops_the_answer(tiny_llama, conflicts):
+    """Rows in two formats, with other rows' contexts before their question, whose memorized answer
+    is what the original says there: the check is measured once over all rows (its prompt does not
+    depend on the format); a patch that changes those answers is collapsed, the identity is not."""
+    from ircan_serve.answers import answer_token_id
+    from ircan_serve.evaluation.tuning import Baseline, score_point
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    rows = []
+    for i, e in enumerate(conflicts[:12]):
+        prompt = f"{conflicts[(i + 1) % 12].context}\n{e.prompt_without_context}"
+        top = int(next_token_logits(model, tok, [prompt])[0].argmax())
+        said = tok.decode([top])
+        if said.strip() and answer_token_id(tok, prompt, said) == top:  # the answer the original gives there
+            rows.append(e.model_copy(update={"id": f"{e.id}@topk" if i % 2 else e.id, "irrelevant_prompt": prompt,
+                                             "memorized": said, "agreeing_prompt": None, "locality_prompt": None}))
+    assert len(rows) >= 6 and len({r.id.endswith("@topk") for r in rows}) == 2
+    base = Baseline.measure(model, tok, rows)
+    assert base.overall.irrelevant == 1.0 and all(c.irrelevant is None for c in base.checks.values())
+    units = [Unit(layer=layer, index=i) for layer in (0, 1) for i in range(8)]
+    for scale, dropped in ((1.0, False), (500.0, True)):
+        patch = UnitSet(neurons=[u.model_copy(update={"scale": scale}) for u in units],
+                        selection=SelectionConfig(num_neurons=16), n_examples=1)
+        point = score_point(model, tok, rows, base, patch, ("paper", 16, 0, scale), 0.0, 0.0)
+        assert (point.checks.irrelevant < 1.0) == dropped, point
+        assert point.collapsed == dropped and ("irrelevant -" in point.reason) == dropped, point.reason
 
 
 def test_last_position_logits_equal_all_positions(tiny_llama, conflicts):
