@@ -145,20 +145,22 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
 
 
 def _in_formats(recipe: Recipe, lm: LoadedModel, part: list[ConflictExample], corpus: list[ConflictExample],
-                template: PromptTemplate | None) -> list[ConflictExample]:
-    """``part`` with its contexts in the recipe's formats, in turn (as loaded for ``sentence``)."""
-    if recipe.contexts == ["sentence"] or template is None:
+                template: PromptTemplate | None, names: list[str] | None = None) -> list[ConflictExample]:
+    """``part`` with its contexts in ``names`` (the recipe's formats), in turn, each row with its
+    irrelevant-documents prompt (as loaded when both are the one sentence)."""
+    names = names or recipe.contexts
+    if template is None or (names == ["sentence"] and recipe.contexts == ["sentence"]):
         return part
     from .data import renderer
     from .data.contexts import ContextPool, mixed
 
-    return mixed(part, recipe.contexts, ContextPool(corpus, recipe.top_k), renderer(template, lm.tokenizer))
+    return mixed(part, names, ContextPool(corpus, recipe.top_k), renderer(template, lm.tokenizer))
 
 
 def in_format(recipe: Recipe, lm: LoadedModel, rows: list[ConflictExample], corpus: list[ConflictExample],
               name: str, template: PromptTemplate | None) -> list[ConflictExample]:
     """``rows`` with every context in format ``name`` (the test split reported per format)."""
-    return _in_formats(recipe.model_copy(update={"contexts": [name]}), lm, rows, corpus, template)
+    return _in_formats(recipe, lm, rows, corpus, template, [name])
 
 
 def attribute_rows(

@@ -36,3 +36,36 @@ def test_a_store_resumes_after_the_project_folder_moves(tmp_path, tiny_llama_dir
                         lambda *_a, **_k: pytest.fail("a moved store must resume, not attribute again"))
     assert main(["export", "export/tiny.toml", "--force"]) == 0
     assert (moved / "export" / "out" / "tiny" / "ircan.json").is_file()
+
+
+def test_a_mix_recipes_dev_and_test_rows_carry_the_irrelevant_check_and_tuning_holds_it(tmp_path, tiny_llama_dir):
+    """A recipe with a contexts mix: its dev rows, and its test rows in any format (the one sentence
+    included), have the question after other subjects' documents; tuning measures the original
+    there and checks every point against it. A sentence-only recipe's rows stay as loaded."""
+    from helpers import FIXTURES
+    from ircan_serve.config import SelectionConfig, load_recipe
+    from ircan_serve.evaluation.tuning import tune
+    from ircan_serve.models import load_model
+    from ircan_serve.pipeline import in_format, recipe_data
+    from ircan_serve.units import Unit, UnitSet
+
+    recipe = tmp_path / "mix.toml"
+    recipe.write_text(f'model = "{tiny_llama_dir}"\ndata = "{FIXTURES / "data" / "counterfact-val-head.json"}"\n'
+                      'data_format = "counterfact"\nskip_invalid = true\ncontexts = ["sentence", "topk"]\n'
+                      '[prompt]\nwith_context = "{context}\\n{question}"\nwithout_context = "{question}"\n'
+                      '[splits]\nattribution = 4\ndev = 8\ntest = 6\n')
+    lm = load_model(str(tiny_llama_dir))
+    mix = load_recipe(recipe)
+    split = recipe_data(mix, lm)
+    assert all(e.irrelevant_prompt and e.irrelevant_prompt.endswith(e.prompt_without_context) for e in split.dev)
+    for name in ("sentence", "topk"):
+        rows = in_format(mix, lm, split.test, split.all, name, split.template)
+        assert all(e.irrelevant_prompt and e.context not in e.irrelevant_prompt for e in rows), name
+    plain = mix.model_copy(update={"contexts": ["sentence"]})
+    assert in_format(plain, lm, split.test, split.all, "sentence", split.template) == split.test
+    assert all(e.irrelevant_prompt for e in in_format(plain, lm, split.test, split.all, "topk", split.template))
+    units = UnitSet(neurons=[Unit(layer=1, index=i) for i in range(2)], selection=SelectionConfig(num_neurons=2),
+                    n_examples=1)
+    result = tune(lm.model, lm.tokenizer, units, split.dev, hs=[1], betas=[3.0], rules=["paper"],
+                  min_agreement=0.0, max_drop=1.0, progress=False)
+    assert result.original_checks.irrelevant is not None and result.grid[0].checks.irrelevant is not None

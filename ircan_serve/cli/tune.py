@@ -46,6 +46,7 @@ def run(ns: argparse.Namespace) -> None:
     from rich.table import Table
 
     from ..config import load_recipe
+    from ..evaluation.metrics import SIDE_CHECKS
     from ..evaluation.recipe_runs import tune_recipe
 
     recipe = load_recipe(ns.recipe)
@@ -59,7 +60,7 @@ def run(ns: argparse.Namespace) -> None:
              else "rows disjoint from the attribution rows")
     table = Table(title=f"tune {recipe.name}: {done.dev_rows} dev rows, {which}")
     for col in ("rule", "h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)",
-                "locality", "agreeing ctx", "irrelevant docs", "KL", "collapsed"):
+                *SIDE_CHECKS, "KL", "collapsed"):
         table.add_column(col, justify="right")
     for row in result.table():
         table.add_row(*row)

@@ -80,14 +80,16 @@ class ContextPool:
     _search: Any = field(default=None, repr=False)
 
     def nearest(self, e: ConflictExample, k: int, exclude_own: bool) -> list[ConflictExample]:
-        """The ``k`` rows whose sentence context is nearest to ``e``'s question (MiniLM embeddings)."""
+        """The ``k`` rows whose sentence context is nearest to ``e``'s question (MiniLM embeddings);
+        with ``exclude_own``, neither ``e``'s row nor another row about its subject."""
         if self._search is None:
             from ..retrieval import conflict_documents, embed_index
 
             self._search = embed_index(conflict_documents(self.rows))
         by_id = {r.id: r for r in self.rows}
-        ranked = [by_id[i] for i in self._search(e.question or "", k + 1) if i in by_id]
-        return [r for r in ranked if not (exclude_own and r.id == e.id)][:k]
+        skip = {r.id for r in self.rows if r.id == e.id or (e.subject and r.subject == e.subject)} if exclude_own else set()
+        ranked = [by_id[i] for i in self._search(e.question or "", k + len(skip) + 1) if i in by_id]
+        return [r for r in ranked if r.id not in skip][:k]
 
 
 def _seed(e: ConflictExample, name: str) -> random.Random:

@@ -23,6 +23,7 @@ from ..pipeline import in_format, load_checked_data, recipe_data, recipe_paths, 
 from ..selection import select_units
 from ..units import UnitSet, units_per_layer
 from .methods import Setting, build_methods
+from .metrics import SIDE_CHECKS
 from .report import write_report
 from .runner import evaluate
 from .tuning import TuneResult, tune
@@ -123,6 +124,7 @@ def eval_recipe(recipe: Recipe, recipe_path: str | Path, *, methods: list[str], 
                                            _chat_instructed(recipe, lm)))
     folder = Path(out) if out else recipe_paths(recipe).store.with_name(f"{recipe.name}.eval-{test_name}")
     settings = {"recipe": recipe.model_dump(), "test": test_id, "limit": limit, "alpha": alpha,
+                "side_checks": list(SIDE_CHECKS),  # results made before a check existed lack it: not resumed
                 "neurons": [u.model_dump() for u in units.neurons], "beta": units.beta, "rule": units.rule}
     results = evaluate(lm.model, lm.tokenizer, examples, built, folder, settings, alpha=alpha)
     top = select_units(records, recipe.selection.model_copy(update={"num_neurons": 100, "num_heads": 0}))

@@ -71,8 +71,7 @@ class TuneResult(BaseModel):
         for p in self.grid:
             units = f"{p.h}+{p.g}h" if p.g else str(p.h)
             rows.append([p.rule, units, f"{p.beta:g}", f"{p.dev.accuracy:.3f}", f"{p.dev.stubbornness:.3f}",
-                         f"{p.agreement:.2f}", _fmt(p.checks.locality), _fmt(p.checks.agreeing),
-                         _fmt(p.checks.irrelevant), f"{p.kl:.3f}",
+                         f"{p.agreement:.2f}", *(_fmt(getattr(p.checks, name)) for name in SIDE_CHECKS), f"{p.kl:.3f}",
                          p.reason])
         return rows
 
@@ -138,7 +137,8 @@ class Baseline:
 
     @classmethod
     def measure(cls, model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> Baseline:
-        """The original's logits without context and its side checks in each context format of ``dev``."""
+        """The original's logits without context, its side checks in each context format of ``dev``
+        (:data:`PER_FORMAT`) and over all of ``dev`` (the others)."""
         groups = by_format(dev)
         plain = [e.prompt_without_context for e in dev]
         return cls(groups, plain, next_token_logits(model, tokenizer, plain),
@@ -179,10 +179,10 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
 
     A point is *collapsed* (never chosen) when its top-1 agreement with the original on the dev
     prompts without context falls below ``min_agreement``, or when accuracy on the dev rows'
-    locality facts, agreeing contexts or irrelevant documents (:data:`.metrics.SIDE_CHECKS`) drops
-    by more than ``max_drop`` in any context format of
-    the dev rows. ``best`` is the best remaining enhancing point (beta > 1) by dev accuracy, ties
-    broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink`` the same among
+    locality facts or agreeing contexts drops by more than ``max_drop`` in any context format of
+    the dev rows, or the memorized answer after irrelevant documents over all dev rows
+    (:data:`.metrics.SIDE_CHECKS`). ``best`` is the best remaining enhancing point (beta > 1) by
+    dev accuracy, ties broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink`` the same among
     beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the units that help and
     enhance those that hurt), and beta = 1 is the original for both.
     """

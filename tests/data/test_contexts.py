@@ -45,6 +45,12 @@ def test_top_k_holds_the_rows_own_document_and_irrelevant_never_does(rows):
     irrelevant = in_context(e, "irrelevant", pool, _render)
     assert e.context not in irrelevant.context and irrelevant.agreeing_prompt is None
     assert len(pool.nearest(e, 3, exclude_own=True)) == 3
+    # another row about the same subject (here: the same fact again) is not an irrelevant document either
+    twin = e.model_copy(update={"id": "twin"})
+    near = ContextPool([*rows, twin], k=3)
+    assert twin in near.nearest(e, 3, exclude_own=False)
+    others = near.nearest(e, 3, exclude_own=True)
+    assert len(others) == 3 and all(r.subject != e.subject for r in others)
 
 
 def test_a_mix_takes_the_formats_in_turn_and_the_table_names_itself(rows):

@@ -105,3 +105,21 @@ def test_instruction_methods_render_with_the_settings_renderer_when_given(confli
     assert all(m.prompts(rows) == ["U:" + e.prompt for e in rows] for m in chat)
     (plain,) = build_methods(["instruction"], Setting(units, 2, 8, 1))
     assert plain.prompts(rows) == [f"{INSTRUCTION}\n{e.prompt}" for e in rows]
+
+
+def test_eval_reports_the_irrelevant_check_for_weight_patches_only(tmp_path, tiny_llama, conflicts):
+    """Rows with the question after other rows' documents: the original and the patch are scored
+    there (the memorized answer kept), prompt methods are not; the report has the column and the
+    summary its paired test."""
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    rows = [e.model_copy(update={"irrelevant_prompt": f"{conflicts[i + 1].context}\n{e.prompt_without_context}"})
+            for i, e in enumerate(conflicts[:4])]
+    methods = build_methods(["original", "ircan", "instruction"], Setting(NEURONS.scaled(3.0), 2, 256, seeds=1))
+    data = evaluate(model, tok, rows, methods, tmp_path, {"s": 1}, progress=False)
+    by_name = {m["method"]: m for m in data["methods"]}
+    assert by_name["original"]["irrelevant"]["n"] == 4 and by_name["ircan"]["irrelevant"]["n"] == 4
+    assert by_name["instruction"]["irrelevant"] is None
+    summary = {r["method"]: r for r in summarize(data)}
+    assert "irrelevant.p_value" in summary["ircan"] and "irrelevant.accuracy" in summary["original"]
+    text = write_report(data, tmp_path, "tiny", neurons=[n.model_dump() for n in NEURONS.neurons], n_layers=2).read_text()
+    assert "irrelevant accuracy" in text and "documents about other subjects only" in text

@@ -110,6 +110,22 @@ def test_irrelevant_check_is_held_over_all_dev_rows_and_collapses_a_point_that_d
         point = score_point(model, tok, rows, base, patch, ("paper", 16, 0, scale), 0.0, 0.0)
         assert (point.checks.irrelevant < 1.0) == dropped, point
         assert point.collapsed == dropped and ("irrelevant -" in point.reason) == dropped, point.reason
+    # one row of six in one format loses its answer: 1/12 over all rows is within a drop of 0.1,
+    # where 1/6 in that format alone would not be
+    lost = next(i for i, r in enumerate(rows) if r.id.endswith("@topk"))
+    fewer = [r.model_copy(update={"memorized": "zzzz"}) if i == lost else r for i, r in enumerate(rows)]
+    identity = UnitSet(neurons=[units[0].model_copy(update={"scale": 1.0})], selection=SelectionConfig(num_neurons=1),
+                       n_examples=1)
+    point = score_point(model, tok, fewer, base, identity, ("paper", 1, 0, 1.0), 0.0, 1.5 / len(rows))
+    assert point.checks.irrelevant == 1 - 1 / len(rows) and not point.collapsed, point.reason
+
+
+def test_every_side_check_has_a_place_in_the_results():
+    from ircan_serve.evaluation.metrics import SIDE_CHECKS
+    from ircan_serve.evaluation.runner import MethodResult
+    from ircan_serve.evaluation.tuning import SideChecks
+
+    assert set(SIDE_CHECKS) <= set(SideChecks.model_fields) & set(MethodResult.model_fields)
 
 
 def test_last_position_logits_equal_all_positions(tiny_llama, conflicts):
