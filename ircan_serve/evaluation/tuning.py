@@ -4,8 +4,9 @@ Every grid point patches one loaded model inside :func:`~ircan_serve.reweight.re
 the dev rows with the task's logit metric, and checks the patched model against the original:
 on the same rows *without* context (top-1 agreement, KL), on the rows' locality facts, on
 contexts that agree with the true answer and, where the rows have them, on documents about other
-subjects only (where the model must keep its memorized answer). Points that fail a check are marked as collapsed and
-never chosen: large h with large beta breaks small models (../shared/FINDINGS.md).
+subjects only (where the model must keep its memorized answer). Points that fail a check are
+marked as collapsed and never chosen: large h with large beta breaks small models
+(../shared/FINDINGS.md).
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
     locality facts or agreeing contexts drops by more than ``max_drop`` in any context format of
     the dev rows, or the memorized answer after irrelevant documents over all dev rows
     (:data:`.metrics.SIDE_CHECKS`). ``best`` is the best remaining enhancing point (beta > 1) by
-    dev accuracy, ties broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink`` the same among
-    beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the units that help and
+    dev accuracy, ties broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink``
+    the same among beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the units that help and
     enhance those that hurt), and beta = 1 is the original for both.
     """
     from tqdm.auto import tqdm
