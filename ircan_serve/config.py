@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import IrcanError
 from .prompts import PromptTemplate
@@ -52,6 +52,11 @@ class AttributionConfig(_Settings):
     units: list[Literal["neuron", "head"]] = Field(
         ["neuron"], description="Unit kinds to score: FFN neurons (the paper's) and/or attention heads "
         "(ircan_serve/units.py:UNIT_KINDS); each kind is one more set of passes per example.")
+    baseline: Literal["no-context", "irrelevant"] = Field(
+        "no-context", description="Where the path starts: the activations without context (the paper's a'), "
+        "or after the row's irrelevant documents (the nearest documents about other subjects; needs a "
+        "recipe `contexts` mix). 'irrelevant' scores what changes between an irrelevant and a relevant "
+        "context, not what any context turns on, so units that copy whatever is in the prompt score less.")
 
 
 class SelectionConfig(_Settings):
@@ -131,6 +136,14 @@ class Recipe(_Settings):
     fitted: list[str] = Field([], description="Units with their own factors, as `ircan tune --fit` writes them "
                               "(19:201x5 a neuron, h12:3x0 a head): exported instead of the h units x beta.")
     _folder: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _baseline_has_documents(self) -> Recipe:
+        if self.attribution.baseline == "irrelevant" and self.contexts == ["sentence"]:
+            raise ValueError("[attribution] baseline = 'irrelevant' starts the path after each row's irrelevant "
+                             "documents, which only a contexts mix builds: set contexts (e.g. [\"sentence\", \"topk\"]) "
+                             "or baseline = 'no-context'")
+        return self
 
     @property
     def folder(self) -> Path | None:

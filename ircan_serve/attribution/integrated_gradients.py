@@ -2,7 +2,8 @@
 
 IRCAN (NeurIPS 2024, arXiv 2406.18406), Eq. 3-4. For layer ``l`` let ``a`` be the input of the
 unit projection (the FFN output projection for neurons) at the last prompt position *with* the
-context and ``a'`` the same activation *without* it. The score of feature ``i`` is
+context and ``a'`` the same activation *without* it (or, with ``baseline = "irrelevant"``, after
+documents about other subjects only). The score of feature ``i`` is
 
     Attr(a_i) = (a_i - a'_i) * sum_k w_k dP(y | a' + alpha_k (a - a'))/da_i
 
@@ -40,6 +41,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+def baseline_prompt(example: ConflictExample, config: AttributionConfig) -> str:
+    """The prompt whose last-position activations start the path (``a'``): the question without
+    context, or after the row's irrelevant documents (``config.baseline``)."""
+    if config.baseline == "no-context":
+        return example.prompt_without_context
+    if example.irrelevant_prompt is None:
+        raise IrcanError(f"row {example.id} ({example.source or 'no source'}) has no irrelevant-documents prompt, "
+                         "which [attribution] baseline = 'irrelevant' starts from: build the rows with a recipe "
+                         "`contexts` mix, or set baseline = 'no-context'")
+    return example.irrelevant_prompt
+
+
 class ContextAwareIntegratedGradients:
     """Score units by how much they carry the context's answer (IRCAN, Section 3.1).
 
@@ -64,7 +77,7 @@ class ContextAwareIntegratedGradients:
             raise IrcanError(f"layers {bad} out of range: the model has {self.n_layers} layers")
         device = next(self.model.parameters()).device
         ids_with = torch.tensor([encode(self.tokenizer, example.prompt)], device=device)  # (1, T)
-        ids_without = torch.tensor([encode(self.tokenizer, example.prompt_without_context)], device=device)
+        ids_without = torch.tensor([encode(self.tokenizer, baseline_prompt(example, config))], device=device)
         token = answer_token_id(self.tokenizer, example.prompt, example.answer)
         units = projections(self.model, kind)
         fast = config.method == "fast" and ids_with.shape[1] >= 2

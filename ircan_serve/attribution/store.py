@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 STORE_VERSION = 2
 """Version 2 stores the with/without-context activations beside the scores (the signed rule needs them)."""
 
-_SETTINGS_DEFAULTS: dict[str, Any] = {"quadrature": "riemann", "units": ["neuron"]}
+_SETTINGS_DEFAULTS: dict[str, Any] = {"quadrature": "riemann", "units": ["neuron"], "baseline": "no-context"}
 """Attribution settings that stores written before them lack, with the value those stores used."""
 
 

@@ -61,13 +61,15 @@ def _tries(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], chosen: l
 
 def fit_factors(model: Any, tokenizer: Any, candidates: UnitSet, dev: Sequence[ConflictExample], *,
                 factors: Sequence[float] = FACTORS, max_units: int = 6, min_agreement: float = 0.8,
-                max_drop: float = 0.02, checked_per_round: int = 3) -> FitResult:
+                max_drop: float = 0.02, checked_per_round: int = 3,
+                overall_rows: Sequence[ConflictExample] | None = None) -> FitResult:
     """Greedy forward selection of units and their factors on ``dev`` (see the module docstring);
-    the ``checked_per_round`` best tries of a round are checked, best first."""
+    the ``checked_per_round`` best tries of a round are checked, best first; the checks held over
+    all rows take ``overall_rows`` (default ``dev``; :func:`.tuning.tune`)."""
     if not dev:
         raise IrcanError("the dev split has no rows")
     t0 = time.perf_counter()
-    base = Baseline.measure(model, tokenizer, dev)
+    base = Baseline.measure(model, tokenizer, dev, overall_rows)
     original = logit_score(model, tokenizer, dev)
     chosen: list[Unit] = []
     steps: list[FitStep] = []

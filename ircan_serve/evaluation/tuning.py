@@ -135,16 +135,20 @@ class Baseline:
     reference: Any
     checks: dict[str, SideChecks]
     overall: SideChecks
+    overall_rows: list[ConflictExample]
+    """The rows of the checks held over all rows (:data:`OVERALL`): the dev rows, or more."""
 
     @classmethod
-    def measure(cls, model: Any, tokenizer: Any, dev: Sequence[ConflictExample]) -> Baseline:
+    def measure(cls, model: Any, tokenizer: Any, dev: Sequence[ConflictExample],
+                overall_rows: Sequence[ConflictExample] | None = None) -> Baseline:
         """The original's logits without context, its side checks in each context format of ``dev``
-        (:data:`PER_FORMAT`) and over all of ``dev`` (the others)."""
+        (:data:`PER_FORMAT`) and over all of ``overall_rows`` (the others; default ``dev``)."""
         groups = by_format(dev)
         plain = [e.prompt_without_context for e in dev]
+        rows = list(overall_rows if overall_rows is not None else dev)
         return cls(groups, plain, next_token_logits(model, tokenizer, plain),
                    {name: side_checks(model, tokenizer, rows, PER_FORMAT) for name, rows in groups.items()},
-                   side_checks(model, tokenizer, dev, OVERALL))
+                   side_checks(model, tokenizer, rows, OVERALL), rows)
 
 
 def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base: Baseline, patch: UnitSet,
@@ -159,7 +163,7 @@ def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base
         checked = agree >= min_agreement
         checks = ({name: side_checks(model, tokenizer, rows, PER_FORMAT) for name, rows in base.groups.items()}
                   if checked else {})
-        overall = side_checks(model, tokenizer, dev, OVERALL) if checked else SideChecks()
+        overall = side_checks(model, tokenizer, base.overall_rows, OVERALL) if checked else SideChecks()
     reasons = [collapse_reason(agree, overall, base.overall, min_agreement, max_drop)]
     reasons += [f"{name}: {r}" if len(base.groups) > 1 else r for name, c in checks.items()
                 if (r := collapse_reason(1.0, c, base.checks[name], min_agreement, max_drop))]
@@ -175,14 +179,16 @@ def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base
 def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExample], *,
          hs: Sequence[int] = PAPER_H, betas: Sequence[float] = SMALL_BETA + PAPER_BETA,
          rules: Sequence[Rule] = ("paper", "signed"), min_agreement: float = 0.8,
-         max_drop: float = 0.02, progress: bool = True, gs: Sequence[int] = (0,)) -> TuneResult:
+         max_drop: float = 0.02, progress: bool = True, gs: Sequence[int] = (0,),
+         overall_rows: Sequence[ConflictExample] | None = None) -> TuneResult:
     """Grid-search the rule, h (neurons), g (heads) and beta on ``dev``.
 
     A point is *collapsed* (never chosen) when its top-1 agreement with the original on the dev
     prompts without context falls below ``min_agreement``, or when accuracy on the dev rows'
     locality facts or agreeing contexts drops by more than ``max_drop`` in any context format of
-    the dev rows, or the memorized answer after irrelevant documents over all dev rows
-    (:data:`.metrics.SIDE_CHECKS`). ``best`` is the best remaining enhancing point (beta > 1) by
+    the dev rows, or the memorized answer after irrelevant documents over all ``overall_rows``
+    (default: the dev rows; a recipe's tuning passes its attribution rows too, which never see those
+    prompts) (:data:`.metrics.SIDE_CHECKS`). ``best`` is the best remaining enhancing point (beta > 1) by
     dev accuracy, ties broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink``
     the same among beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the units that help and
     enhance those that hurt), and beta = 1 is the original for both.
@@ -197,7 +203,7 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
         raise IrcanError(f"the unit set has {neurons.count('neuron')} neurons and {neurons.count('head')} heads; "
                          "every h (or g) of the grid is larger")
     t0 = time.perf_counter()
-    base = Baseline.measure(model, tokenizer, dev)
+    base = Baseline.measure(model, tokenizer, dev, overall_rows)
     original = logit_score(model, tokenizer, dev)
     keys = [(r, h, g, b) for r in rules for h in hs for g in gs for b in betas
             if b != 1 and not (r == "signed" and b < 1) and h + g > 0]

@@ -122,3 +122,51 @@ def test_both_quadratures_approach_the_same_integral(tiny_llama, conflicts):
     scale = fine.abs().max().item()
     assert (gauss - fine).abs().max().item() < 0.01 * scale
     assert (gauss - fine).abs().max() < (paper - fine).abs().max()
+
+
+def test_irrelevant_baseline_starts_the_path_after_the_rows_irrelevant_documents(tmp_path, tiny_llama, conflicts):
+    """baseline = 'irrelevant': the same scores as the paper's path from a row whose prompt
+    without context were the irrelevant-documents prompt; a store keeps the two apart, one written
+    before the setting existed reads as 'no-context', and a row without that prompt is an error
+    that says how to build one."""
+    import json
+
+    from ircan_serve.attribution import AttributionStore, attribute_examples
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    ex = conflicts[4].model_copy(update={"irrelevant_prompt": f"{conflicts[9].context}\n{conflicts[4].question}"})
+    ig = ContextAwareIntegratedGradients(model, tok)
+    contrast = ig.attribute(ex, AttributionConfig(n_steps=4, baseline="irrelevant"))
+    moved = ex.model_copy(update={"prompt_without_context": ex.irrelevant_prompt})
+    torch.testing.assert_close(contrast.scores, ig.attribute(moved, AttributionConfig(n_steps=4)).scores)
+    plain = ig.attribute(ex, AttributionConfig(n_steps=4))
+    assert not torch.allclose(contrast.scores, plain.scores)
+    assert not torch.equal(contrast.activations_without, plain.activations_without)
+    torch.testing.assert_close(contrast.activations_with, plain.activations_with)
+
+    store = AttributionStore(tmp_path / "s")
+    attribute_examples(model, tok, [ex], AttributionConfig(n_steps=4), store=store, header={"model": "t"},
+                       progress=False)
+    header = json.loads(store.header_path.read_text())
+    assert header["attribution"]["baseline"] == "no-context"
+    del header["attribution"]["baseline"]  # as stores written before the setting
+    store.header_path.write_text(json.dumps(header))
+    attribute_examples(model, tok, [ex], AttributionConfig(n_steps=4), store=AttributionStore(tmp_path / "s"),
+                       header={"model": "t"}, progress=False)  # resumes: same settings
+    with pytest.raises(IrcanError, match="baseline"):
+        attribute_examples(model, tok, [ex], AttributionConfig(n_steps=4, baseline="irrelevant"),
+                           store=AttributionStore(tmp_path / "s"), header={"model": "t"}, progress=False)
+
+    with pytest.raises(IrcanError, match=f"row {conflicts[4].id} .*no irrelevant-documents prompt.*contexts"):
+        ig.attribute(conflicts[4], AttributionConfig(n_steps=4, baseline="irrelevant"))
+
+
+def test_irrelevant_baseline_needs_a_contexts_mix_in_the_recipe(tmp_path):
+    from ircan_serve.config import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text('model = "smollm2"\n[attribution]\nbaseline = "irrelevant"\n')
+    with pytest.raises(IrcanError, match="r.toml is invalid(.|\n)*only a contexts mix builds"):
+        load_recipe(path)
+    path.write_text('model = "smollm2"\ncontexts = ["sentence", "topk"]\n[attribution]\nbaseline = "irrelevant"\n')
+    assert load_recipe(path).attribution.baseline == "irrelevant"

@@ -1,3 +1,5 @@
+import dataclasses
+
 import torch
 
 from ircan_serve.config import SelectionConfig, load_recipe, write_recipe_choice
@@ -116,8 +118,37 @@ def test_irrelevant_check_is_held_over_all_dev_rows_and_collapses_a_point_that_d
     fewer = [r.model_copy(update={"memorized": "zzzz"}) if i == lost else r for i, r in enumerate(rows)]
     identity = UnitSet(neurons=[units[0].model_copy(update={"scale": 1.0})], selection=SelectionConfig(num_neurons=1),
                        n_examples=1)
-    point = score_point(model, tok, fewer, base, identity, ("paper", 1, 0, 1.0), 0.0, 1.5 / len(rows))
+    point = score_point(model, tok, fewer, dataclasses.replace(base, overall_rows=fewer), identity,
+                        ("paper", 1, 0, 1.0), 0.0, 1.5 / len(rows))
     assert point.checks.irrelevant == 1 - 1 / len(rows) and not point.collapsed, point.reason
+
+
+def test_checks_held_over_all_rows_take_the_rows_given_beside_the_dev_rows(tiny_llama, conflicts):
+    """``overall_rows``: the irrelevant check is measured on those rows (a recipe passes its
+    attribution rows too), not on the dev rows, which here have no irrelevant prompt at all."""
+    from ircan_serve.evaluation.recipe_runs import overall_rows
+    from ircan_serve.evaluation.tuning import Baseline, score_point
+    from ircan_serve.pipeline import RecipeData
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    rows = []
+    for i, e in enumerate(conflicts[:12]):
+        prompt = f"{conflicts[(i + 1) % 12].context}\n{e.prompt_without_context}"
+        said = tok.decode([int(next_token_logits(model, tok, [prompt])[0].argmax())])
+        rows.append(e.model_copy(update={"irrelevant_prompt": prompt, "memorized": said}))
+    dev = [e.model_copy(update={"irrelevant_prompt": None}) for e in conflicts[12:18]]
+    assert Baseline.measure(model, tok, dev).overall.irrelevant is None
+    base = Baseline.measure(model, tok, dev, overall_rows=rows)
+    assert base.overall_rows == rows and base.overall.irrelevant is not None and base.overall.irrelevant > 0.5
+    units = [Unit(layer=layer, index=i, scale=500.0) for layer in (0, 1) for i in range(8)]
+    patch = UnitSet(neurons=units, selection=SelectionConfig(num_neurons=16), n_examples=1)
+    point = score_point(model, tok, dev, base, patch, ("paper", 16, 0, 500.0), 0.0, 0.0)
+    assert point.collapsed and "irrelevant -" in point.reason, point.reason
+    # a recipe's rows: every row that is not a test row; without [splits] the dev rows are all
+    split = RecipeData(rows[:6], rows[6:], conflicts[20:22], [], None)
+    assert overall_rows(split) == rows
+    paper = RecipeData(rows, rows, [], [], None)
+    assert overall_rows(paper) == rows
 
 
 def test_every_side_check_has_a_place_in_the_results():
