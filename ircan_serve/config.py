@@ -143,6 +143,9 @@ class Recipe(_Settings):
             raise ValueError("[attribution] baseline = 'irrelevant' starts the path after each row's irrelevant "
                              "documents, which only a contexts mix builds: set contexts (e.g. [\"sentence\", \"topk\"]) "
                              "or baseline = 'no-context'")
+        if self.attribution.baseline == "irrelevant" and "irrelevant" in self.contexts:
+            raise ValueError("[attribution] baseline = 'irrelevant' with 'irrelevant' among the contexts: those rows' "
+                             "path would start where it ends and score nothing; drop one of them")
         return self
 
     @property

@@ -42,7 +42,8 @@ class SettingResult:
     """The most frequent units (``layer:index``), most frequent first."""
 
 
-def _score_all(lm: Any, examples: list[Any], settings: list[str], layers: list[int] | None) -> dict[str, Any]:
+def _score_all(lm: Any, examples: list[Any], settings: list[str], layers: list[int] | None,
+               baseline: str = "no-context") -> dict[str, Any]:
     """setting -> (per-example scores, seconds per example)."""
     from tqdm.auto import tqdm
 
@@ -53,7 +54,7 @@ def _score_all(lm: Any, examples: list[Any], settings: list[str], layers: list[i
     out = {}
     for setting in settings:
         name, n = parse_setting(setting)
-        config = AttributionConfig(quadrature=name, n_steps=n, layers=layers)
+        config = AttributionConfig(quadrature=name, n_steps=n, layers=layers, baseline=baseline)
         ig.attribute(examples[0], config)  # warm-up
         t0 = time.perf_counter()
         records = [ig.attribute(e, config) for e in tqdm(examples, desc=setting, unit="ex")]
@@ -62,13 +63,15 @@ def _score_all(lm: Any, examples: list[Any], settings: list[str], layers: list[i
 
 
 def compare(lm: Any, examples: list[Any], settings: list[str], reference: str, threshold: float = 0.1,
-            top_z: int = 20, top_h: int = 16, layers: list[int] | None = None) -> list[SettingResult]:
-    """Every setting against ``reference`` (scores) and against :data:`PAPER` (top units, selection)."""
+            top_z: int = 20, top_h: int = 16, layers: list[int] | None = None,
+            baseline: str = "no-context") -> list[SettingResult]:
+    """Every setting against ``reference`` (scores) and against :data:`PAPER` (top units, selection),
+    all on the path from ``baseline`` (a recipe's ``[attribution] baseline``)."""
     from ..config import SelectionConfig
     from ..selection import select_units
 
     wanted = list(dict.fromkeys([PAPER, *settings, reference]))
-    scored = _score_all(lm, examples, wanted, layers)
+    scored = _score_all(lm, examples, wanted, layers, baseline)
     selection = SelectionConfig(threshold=threshold, top_z=top_z, num_neurons=top_h)
     paper_tops = [r.scores.flatten().topk(20).indices.tolist() for r in scored[PAPER][0]]
     results = []
@@ -86,8 +89,8 @@ def compare(lm: Any, examples: list[Any], settings: list[str], reference: str, t
     return results
 
 
-def _rows(lm: Any, ns: Any) -> tuple[list[Any], float, int]:
-    """(examples, t, z): the recipe's attribution rows and selection, or the --data rows."""
+def _rows(lm: Any, ns: Any) -> tuple[list[Any], float, int, str]:
+    """(examples, t, z, baseline): the recipe's attribution rows, selection and path, or the --data rows."""
     from ..data import load_examples
     from .rows import file_and_rows
 
@@ -97,12 +100,12 @@ def _rows(lm: Any, ns: Any) -> tuple[list[Any], float, int]:
 
         recipe = load_recipe(ns.recipe)
         rows = recipe_data(recipe, lm, progress=False).attribution[: ns.limit]
-        return rows, recipe.selection.threshold, recipe.selection.top_z
+        return rows, recipe.selection.threshold, recipe.selection.top_z, recipe.attribution.baseline
     out = []
     for source in ns.data:
         path, k = file_and_rows(source)
         out += load_examples(path, limit=k, tokenizer=lm.tokenizer).examples
-    return out, 0.1, 20
+    return out, 0.1, 20, "no-context"
 
 
 def add_arguments(b: Any) -> None:
@@ -126,8 +129,8 @@ def main(ns: Any) -> None:
     for setting in [*ns.settings, ns.reference]:
         parse_setting(setting)
     lm = load_model(ns.model)
-    examples, threshold, top_z = _rows(lm, ns)
-    results = compare(lm, examples, ns.settings, ns.reference, threshold, top_z, ns.top_h)
+    examples, threshold, top_z, baseline = _rows(lm, ns)
+    results = compare(lm, examples, ns.settings, ns.reference, threshold, top_z, ns.top_h, baseline=baseline)
     paper = next(r for r in results if r.setting == PAPER)
     table = Table(title=f"quadrature, {ns.model}, {len(examples)} examples, one run; errors against {ns.reference}, "
                         f"top units against {PAPER} (the paper's)")

@@ -37,6 +37,10 @@ def run(ns: argparse.Namespace) -> None:
     from ..pipeline import attribute_rows, load_checked_data, store_header
 
     config = config_from_flags(ns, AttributionConfig)
+    if config.baseline == "irrelevant":
+        raise IrcanError("--baseline irrelevant starts each path after the row's irrelevant documents, which only "
+                         "a recipe's `contexts` mix builds: set [attribution] baseline = 'irrelevant' in a recipe "
+                         "with contexts and run `ircan export RECIPE`")
     if ns.workers < 1:
         raise IrcanError(f"--workers must be at least 1, not {ns.workers}")
     if ns.address:

@@ -26,9 +26,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p.add_argument("--rule", nargs="+", default=["paper", "signed"], choices=["paper", "signed"],
                    help="reweighting rules to search (default both)")
     p.add_argument("--max-drop", type=float, default=0.02,
-                   help="grid points that lose more than this accuracy on the dev rows' locality facts, "
-                        "agreeing contexts or irrelevant documents (the memorized answer kept) are collapsed and "
-                        "never chosen")
+                   help="grid points that lose more than this accuracy on the dev rows' locality facts or "
+                        "agreeing contexts, or on irrelevant documents (the memorized answer kept; every row "
+                        "that is not a test row) are collapsed and never chosen")
     p.add_argument("--no-write", dest="write", action="store_false",
                    help="only report; do not write the choice into the recipe")
     p.add_argument("--fit", action="store_true",
@@ -69,7 +69,7 @@ def run(ns: argparse.Namespace) -> None:
     oc = result.original_checks
     console.print(f"original: accuracy {result.original.accuracy:.3f}, stubbornness "
                   f"{result.original.stubbornness:.3f}, locality {oc.locality}, agreeing {oc.agreeing}, "
-                  f"irrelevant {oc.irrelevant}; "
+                  f"irrelevant {oc.irrelevant} (over {result.overall_rows} rows: every row not in test); "
                   f"grid of {len(result.grid)} points in {result.seconds:.0f} s")
     if result.best_shrink is not None:
         b = result.best_shrink

@@ -49,7 +49,8 @@ def _records(recipe: Recipe, recipe_path: str | Path) -> list[Any]:
 
 def overall_rows(data: RecipeData) -> list[ConflictExample]:
     """The rows of tuning's checks held over all rows (the irrelevant documents): every row that is
-    not a test row. Attribution rows never see those prompts, and a check on 200 dev rows alone
+    not a test row. Scoring units never optimizes what the patch does there (``baseline =
+    "irrelevant"`` starts its paths at those prompts, no more), and a check on 200 dev rows alone
     cannot bound a 2-point drop elsewhere (on the mix recipe it saw none where the 338 test rows
     lost 3.8 points). Without ``[splits]`` the attribution rows are the dev rows."""
     return data.dev if data.attribution is data.dev else data.attribution + data.dev

@@ -116,8 +116,12 @@ class EvalStore:
         self.data: dict[str, Any] = {"settings": settings, "methods": [], "side_effects": None}
         if self.path.is_file():
             old = json.loads(self.path.read_text())
-            # older results recorded the attribution batch size, which changes no result
-            old.get("settings", {}).get("recipe", {}).get("attribution", {}).pop("internal_batch_size", None)
+            # older results recorded the attribution batch size, which changes no result, and lack
+            # the attribution baseline, which was the path from no context
+            attribution = old.get("settings", {}).get("recipe", {}).get("attribution")
+            if attribution is not None:
+                attribution.pop("internal_batch_size", None)
+                attribution.setdefault("baseline", "no-context")
             if old.get("settings") == settings:
                 self.data = old
             else:

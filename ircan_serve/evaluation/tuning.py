@@ -66,6 +66,8 @@ class TuneResult(BaseModel):
     min_agreement: float
     max_drop: float = 0.02
     seconds: float
+    overall_rows: int | None = Field(None, description="Rows of the checks held over all rows at once (the "
+                                     "irrelevant documents): the dev rows, or every row that is not a test row.")
 
     def table(self) -> list[list[str]]:
         rows = []
@@ -82,7 +84,8 @@ def _fmt(x: float | None) -> str:
 
 
 PER_FORMAT = [name for name, check in SIDE_CHECKS.items() if check.per_format]
-"""Side checks held in each context format of the dev rows apart; the others over all dev rows."""
+"""Side checks held in each context format of the dev rows apart; the others over all rows at once
+(:attr:`Baseline.overall_rows`)."""
 OVERALL = [name for name in SIDE_CHECKS if name not in PER_FORMAT]
 
 
@@ -117,7 +120,7 @@ def collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agre
 
 def _merged(checks: dict[str, SideChecks], groups: dict[str, list[ConflictExample]], overall: SideChecks
             ) -> SideChecks:
-    """Side checks over all dev rows: each format's accuracy weighted by its rows, and ``overall``'s
+    """Side checks over all rows: each dev format's accuracy weighted by its rows, and ``overall``'s
     checks (those held over all rows) as they are."""
     out = {}
     for field in PER_FORMAT:
@@ -128,7 +131,8 @@ def _merged(checks: dict[str, SideChecks], groups: dict[str, list[ConflictExampl
 
 @dataclass
 class Baseline:
-    """The original model on the dev rows: what every grid point is checked against."""
+    """The original model on the dev rows (and the rows of the checks held over all rows): what
+    every grid point is checked against."""
 
     groups: dict[str, list[ConflictExample]]
     plain: list[str]
@@ -187,11 +191,11 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
     prompts without context falls below ``min_agreement``, or when accuracy on the dev rows'
     locality facts or agreeing contexts drops by more than ``max_drop`` in any context format of
     the dev rows, or the memorized answer after irrelevant documents over all ``overall_rows``
-    (default: the dev rows; a recipe's tuning passes its attribution rows too, which never see those
-    prompts) (:data:`.metrics.SIDE_CHECKS`). ``best`` is the best remaining enhancing point (beta > 1) by
+    (default: the dev rows; a recipe's tuning passes its attribution rows too)
+    (:data:`.metrics.SIDE_CHECKS`). ``best`` is the best remaining enhancing point (beta > 1) by
     dev accuracy, ties broken by lower stubbornness, fewer units, beta closer to 1; ``best_shrink``
-    the same among beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the units that help and
-    enhance those that hurt), and beta = 1 is the original for both.
+    the same among beta < 1. The signed rule takes only beta > 1 (below 1 it would weaken the
+    units that help and enhance those that hurt), and beta = 1 is the original for both.
     """
     from tqdm.auto import tqdm
 
@@ -218,4 +222,4 @@ def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExa
     return TuneResult(original=original, original_checks=_merged(base.checks, base.groups, base.overall), grid=grid,
                       best=pick([p for p in ok if p.enhancing]),
                       best_shrink=pick([p for p in ok if p.beta < 1]), min_agreement=min_agreement,
-                      max_drop=max_drop, seconds=time.perf_counter() - t0)
+                      max_drop=max_drop, seconds=time.perf_counter() - t0, overall_rows=len(base.overall_rows))

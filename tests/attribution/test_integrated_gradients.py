@@ -168,5 +168,8 @@ def test_irrelevant_baseline_needs_a_contexts_mix_in_the_recipe(tmp_path):
     path.write_text('model = "smollm2"\n[attribution]\nbaseline = "irrelevant"\n')
     with pytest.raises(IrcanError, match="r.toml is invalid(.|\n)*only a contexts mix builds"):
         load_recipe(path)
+    path.write_text('model = "smollm2"\ncontexts = ["topk", "irrelevant"]\n[attribution]\nbaseline = "irrelevant"\n')
+    with pytest.raises(IrcanError, match="score nothing"):
+        load_recipe(path)
     path.write_text('model = "smollm2"\ncontexts = ["sentence", "topk"]\n[attribution]\nbaseline = "irrelevant"\n')
     assert load_recipe(path).attribution.baseline == "irrelevant"

@@ -75,6 +75,8 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "not an attribution store" in capsys.readouterr().err
     assert main(["attribute", "--store", str(tmp_path / "s"), "--n-steps", "0"]) == 2
     assert "n_steps" in capsys.readouterr().err
+    assert main(["attribute", "--store", str(tmp_path / "s"), "--baseline", "irrelevant"]) == 2
+    assert "recipe" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
@@ -105,7 +107,8 @@ def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
                  "--max-drop", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 dev rows, rows disjoint from the attribution rows" in out and "signed" in out
-    assert "chosen:" in out
+    assert "chosen:" in out and "over 7 rows: every row not in test" in out
+    assert json.loads((tmp_path / "ckpt.attribution" / "tune.json").read_text())["overall_rows"] == 7
     assert main(["eval", str(recipe), "--methods", "original", "ircan", "erase", "shrink", "--out",
                  str(tmp_path / "ev")]) == 0
     report = (tmp_path / "ev" / "report.md").read_text()

@@ -49,6 +49,25 @@ def test_every_method_runs_on_each_task(tmp_path, tiny_llama, conflicts):
         build_methods(["magic"], Setting(NEURONS.scaled(2.0), 2, 256, 1))
 
 
+def test_results_made_before_a_setting_existed_resume_under_its_old_value(tmp_path):
+    """results.json written before [attribution] baseline existed (and with the batch size, which
+    older versions recorded) resumes under baseline = 'no-context'; another baseline does not."""
+    from ircan_serve.config import Recipe
+    from ircan_serve.evaluation.runner import EvalStore
+
+    settings = {"recipe": Recipe(name="r", contexts=["sentence", "topk"]).model_dump(), "limit": 3}
+    old = json.loads(json.dumps(settings))
+    del old["recipe"]["attribution"]["baseline"]
+    old["recipe"]["attribution"]["internal_batch_size"] = 40
+    (tmp_path / "results.json").write_text(json.dumps({"settings": old, "methods": [{"method": "original"}],
+                                                       "side_effects": None}))
+    assert EvalStore(tmp_path, settings).data["methods"] == [{"method": "original"}]
+    other = json.loads(json.dumps(settings))
+    other["recipe"]["attribution"]["baseline"] = "irrelevant"
+    with pytest.raises(IrcanError, match="other settings"):
+        EvalStore(tmp_path, other)
+
+
 def test_interrupted_eval_keeps_results_and_resumes(tmp_path, tiny_llama, conflicts, monkeypatch):
     import ircan_serve.evaluation.runner as runner
 
