@@ -3,6 +3,7 @@
 import shutil
 
 import pytest
+import torch
 
 from helpers import write_jsonl
 from ircan_serve.attribution import ContextAwareIntegratedGradients
@@ -69,3 +70,14 @@ def test_a_mix_recipes_dev_and_test_rows_carry_the_irrelevant_check_and_tuning_h
     result = tune(lm.model, lm.tokenizer, units, split.dev, hs=[1], betas=[3.0], rules=["paper"],
                   min_agreement=0.0, max_drop=1.0, progress=False)
     assert result.original_checks.irrelevant is not None and result.grid[0].checks.irrelevant is not None
+    # the attribution rows carry the prompt too: tuning checks it on every row not in test, and
+    # [attribution] baseline = 'irrelevant' starts each path there
+    from ircan_serve.config import AttributionConfig
+    from ircan_serve.evaluation.recipe_runs import overall_rows
+
+    checked = overall_rows(split)
+    assert len(checked) == 12 and all(e.irrelevant_prompt for e in checked)
+    ig = ContextAwareIntegratedGradients(lm.model, lm.tokenizer)
+    row = split.attribution[0]
+    paths = [ig.attribute(row, AttributionConfig(n_steps=2, baseline=b)) for b in ("no-context", "irrelevant")]
+    assert not torch.equal(paths[0].activations_without, paths[1].activations_without)
