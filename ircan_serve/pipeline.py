@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,11 @@ class RecipeData:
     template: PromptTemplate | None
     """The prompt template the rows were rendered with (recorded in the manifest)."""
     known: KnownReport | None = None
-
-    @property
-    def all(self) -> list[ConflictExample]:
-        return self.attribution + self.dev + self.test
+    corpus: list[ConflictExample] = field(default_factory=list)
+    """Every row as loaded (after the known-facts filter), each context its one sentence: the
+    documents a retriever indexes and that contexts in other formats are built from. Not
+    ``attribution + dev + test``: with a contexts mix those rows hold built passages and top-k
+    concatenations, which would leak a question's own document into its irrelevant context."""
 
 
 def _known_rows(recipe: Recipe, lm: LoadedModel, rows: list[ConflictExample], cache: Path,
@@ -129,8 +130,8 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
         cache = recipe_paths(recipe, out_root).store.with_name(f"{recipe.name}.known.json")
         rows, known = _known_rows(recipe, lm, rows, cache, progress)
     if recipe.splits is None:
-        rows = _in_formats(recipe, lm, rows, rows, data.template)
-        return RecipeData(rows, rows, [], data.skipped, data.template, known)
+        built = _in_formats(recipe, lm, rows, rows, data.template)
+        return RecipeData(built, built, [], data.skipped, data.template, known, corpus=rows)
     a, d = recipe.splits.attribution, recipe.splits.dev
     if len(rows) < a + d + 1:
         raise IrcanError(f"{recipe.data}: {len(rows)} usable rows"
@@ -141,7 +142,7 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
         test = test[: recipe.splits.test]
     return RecipeData(_in_formats(recipe, lm, rows[:a], rows, data.template),
                       _in_formats(recipe, lm, rows[a : a + d], rows, data.template), test, data.skipped,
-                      data.template, known)
+                      data.template, known, corpus=rows)
 
 
 def _in_formats(recipe: Recipe, lm: LoadedModel, part: list[ConflictExample], corpus: list[ConflictExample],

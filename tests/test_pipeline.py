@@ -59,12 +59,19 @@ def test_a_mix_recipes_dev_and_test_rows_carry_the_irrelevant_check_and_tuning_h
     mix = load_recipe(recipe)
     split = recipe_data(mix, lm)
     assert all(e.irrelevant_prompt and e.irrelevant_prompt.endswith(e.prompt_without_context) for e in split.dev)
+    # the corpus (the retriever's documents, what other formats are built from) is every row as
+    # loaded, not the attribution and dev rows as built: a top-k concatenation there could hold a
+    # test question's own document and come back as its "irrelevant" context
+    built = [e for e in split.attribution + split.dev if "@" in e.id]
+    in_splits = [e.id.split("@")[0] for e in split.attribution + split.dev + split.test]
+    assert built and [e.id for e in split.corpus][: len(in_splits)] == in_splits
+    assert not {e.context for e in built} & {e.context for e in split.corpus}
     for name in ("sentence", "topk"):
-        rows = in_format(mix, lm, split.test, split.all, name, split.template)
+        rows = in_format(mix, lm, split.test, split.corpus, name, split.template)
         assert all(e.irrelevant_prompt and e.context not in e.irrelevant_prompt for e in rows), name
     plain = mix.model_copy(update={"contexts": ["sentence"]})
-    assert in_format(plain, lm, split.test, split.all, "sentence", split.template) == split.test
-    assert all(e.irrelevant_prompt for e in in_format(plain, lm, split.test, split.all, "topk", split.template))
+    assert in_format(plain, lm, split.test, split.corpus, "sentence", split.template) == split.test
+    assert all(e.irrelevant_prompt for e in in_format(plain, lm, split.test, split.corpus, "topk", split.template))
     units = UnitSet(neurons=[Unit(layer=1, index=i) for i in range(2)], selection=SelectionConfig(num_neurons=2),
                     n_examples=1)
     result = tune(lm.model, lm.tokenizer, units, split.dev, hs=[1], betas=[3.0], rules=["paper"],

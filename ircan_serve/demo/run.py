@@ -135,7 +135,7 @@ def held_out_questions(recipe_path: str | Path, lm: Any = None) -> tuple[list[Co
         held = rows[recipe.limit:] if recipe.limit else []
     else:
         data = recipe_data(recipe, lm or load_model(recipe.model), progress=False)
-        rows, held = data.all, data.test
+        rows, held = data.corpus, data.test
     if not held:
         raise IrcanError(f"{recipe_path} uses every row for attribution and tuning (no `limit` or "
                          "[splits]): there are no held-out questions")

@@ -90,7 +90,7 @@ def _test_rows(recipe: Recipe, lm: LoadedModel, test: str | None, data_format: s
         return rows, path.stem, test
     if recipe.splits is not None:
         data = recipe_data(recipe, lm)
-        rows = in_format(recipe, lm, data.test[:limit], data.all, context, data.template)
+        rows = in_format(recipe, lm, data.test[:limit], data.corpus, context, data.template)
         suffix = "" if context == "sentence" else f"-{context}"
         return rows, f"test-split{suffix}", f"{recipe.data} [test split, {context}{_own_documents(data.test, rows)}]"
     raise IrcanError("pass --test FILE, or give the recipe [splits] so it has its own test rows")
