@@ -1,0 +1,35 @@
+"""The shipped recipes (``export/*.toml``): each one reads as a valid recipe, names formats the
+package has, and is listed in ``export/README.md``'s table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ircan_serve.config import load_recipe
+from ircan_serve.data.contexts import CONTEXTS
+from ircan_serve.data.formats import FORMATS
+
+EXPORT = Path(__file__).resolve().parents[1] / "export"
+RECIPES = sorted(EXPORT.glob("*.toml"))
+
+
+def test_recipes_are_shipped():
+    assert len(RECIPES) >= 8, RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_reads_and_names_known_formats(path: Path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.data_format == "auto" or recipe.data_format in FORMATS
+    assert set(recipe.contexts) <= set(CONTEXTS), recipe.contexts
+    if recipe.selection.num_heads:
+        assert "head" in recipe.attribution.units, f"{path.name} selects heads it never attributes"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_is_in_the_export_readme(path: Path):
+    table = [line for line in (EXPORT / "README.md").read_text().splitlines() if line.startswith("| `")]
+    assert any(line.startswith(f"| `{path.name}`") for line in table), f"export/README.md does not list {path.name}"
