@@ -83,7 +83,7 @@ class RecipeData:
     template: PromptTemplate | None
     """The prompt template the rows were rendered with (recorded in the manifest)."""
     known: KnownReport | None = None
-    corpus: list[ConflictExample] = field(default_factory=list)
+    corpus: list[ConflictExample] = field(kw_only=True)
     """Every row as loaded (after the known-facts filter), each context its one sentence: the
     documents a retriever indexes and that contexts in other formats are built from. Not
     ``attribution + dev + test``: with a contexts mix those rows hold built passages and top-k

@@ -145,9 +145,9 @@ def test_checks_held_over_all_rows_take_the_rows_given_beside_the_dev_rows(tiny_
     point = score_point(model, tok, dev, base, patch, ("paper", 16, 0, 500.0), 0.0, 0.0)
     assert point.collapsed and "irrelevant -" in point.reason, point.reason
     # a recipe's rows: every row that is not a test row; without [splits] the dev rows are all
-    split = RecipeData(rows[:6], rows[6:], conflicts[20:22], [], None)
+    split = RecipeData(rows[:6], rows[6:], conflicts[20:22], [], None, corpus=rows)
     assert overall_rows(split) == rows
-    paper = RecipeData(rows, rows, [], [], None)
+    paper = RecipeData(rows, rows, [], [], None, corpus=rows)
     assert overall_rows(paper) == rows
 
 
