@@ -118,7 +118,7 @@ class Recipe(_Settings):
     prompt: PromptTemplate | None = Field(None, description="The RAG prompt ({context}, {question}; "
                                           "chat = true for the chat template); default: the format's own.")
     skip_invalid: bool = Field(False, description="Skip bad rows instead of stopping.")
-    contexts: list[str] = Field(["sentence"], description="Context formats the attribution and dev rows are "
+    contexts: list[str] = Field(["sentence"], min_length=1, description="Context formats the attribution and dev rows are "
                                 "built in, in turn (ircan_serve/data/contexts.py:CONTEXTS): a mix trains the "
                                 "units on the shapes users retrieve; the test rows are reported in each format.")
     top_k: int = Field(4, ge=1, description="Documents per context in the 'topk' and 'irrelevant' formats.")

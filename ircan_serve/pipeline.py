@@ -17,9 +17,10 @@ from typing import Any
 from .attribution import Attribution, AttributionStore, attribute_examples
 from .checkpoint.export import export_checkpoint
 from .checkpoint.manifest import DatasetInfo, Manifest, sha256_file
-from .config import AttributionConfig, Recipe, SelectionConfig
+from .config import AttributionConfig, Recipe, SelectionConfig, load_recipe
 from .conflicts import KnownReport, known_facts
-from .data import ConflictExample, LoadedData, check_prompt_lengths, data_path, load_examples
+from .data import FORMAT_CHOICES, ConflictExample, LoadedData, check_prompt_lengths, data_path, load_examples
+from .data.contexts import CONTEXTS
 from .errors import IrcanError
 from .files import atomic_write_json
 from .models import LoadedModel, load_model
@@ -58,6 +59,25 @@ def max_prompt_tokens(model: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """A recipe file (:func:`config.load_recipe`) whose data format and context formats are checked
+    against the package's tables now, before a model loads, rather than minutes later when the
+    rows are built.
+
+    Raises:
+        IrcanError: a name no table has, naming the recipe file, the key and the names there are.
+    """
+    recipe = load_recipe(path)
+    unknown = [c for c in recipe.contexts if c not in CONTEXTS]
+    if unknown:
+        raise IrcanError(f"recipe {path}: contexts {unknown} are not context formats; formats: "
+                         f"{', '.join(CONTEXTS)} (ircan_serve/data/contexts.py:CONTEXTS)")
+    if recipe.data_format not in FORMAT_CHOICES:
+        raise IrcanError(f"recipe {path}: data_format {recipe.data_format!r} is not a data format; formats: "
+                         f"{', '.join(FORMAT_CHOICES)} (ircan_serve/data/formats.py:FORMATS)")
+    return recipe
 
 
 def load_checked_data(

@@ -88,3 +88,36 @@ def test_a_mix_recipes_dev_and_test_rows_carry_the_irrelevant_check_and_tuning_h
     row = split.attribution[0]
     paths = [ig.attribute(row, AttributionConfig(n_steps=2, baseline=b)) for b in ("no-context", "irrelevant")]
     assert not torch.equal(paths[0].activations_without, paths[1].activations_without)
+
+
+@pytest.mark.parametrize("command", [["export"], ["tune"], ["eval"], ["demo", "--recipe"]])
+def test_a_misspelled_context_format_stops_every_recipe_command_before_a_model_loads(tmp_path, capsys, command):
+    """A typo in a recipe's ``contexts`` is named with the file and the formats there are, before
+    the model (here a folder that does not exist) is read: not minutes later when rows are built."""
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text(f'model = "{tmp_path / "no-such-model"}"\ncontexts = ["sentence", "pasage-list"]\n')
+    assert main([*command, str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert str(recipe) in err and "'pasage-list'" in err and "passage-list" in err.replace("'pasage-list'", "")
+    assert "no-such-model" not in err
+
+
+def test_a_recipe_with_an_unknown_data_format_or_no_contexts_is_refused_with_its_file(tmp_path):
+    from ircan_serve.errors import IrcanError
+    from ircan_serve.pipeline import read_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('data_format = "counterfacts"\n')
+    with pytest.raises(IrcanError, match=r"r\.toml: data_format 'counterfacts' .*counterfact"):
+        read_recipe(recipe)
+    recipe.write_text("contexts = []\n")
+    with pytest.raises(IrcanError, match=r"(?s)r\.toml is invalid:\n.*contexts\n.*at least 1 item"):
+        read_recipe(recipe)
+    recipe.write_text('contexts = ["topk", "sentence"]\ndata_format = "counterfact"\n')
+    assert read_recipe(recipe).contexts == ["topk", "sentence"]
+
+
+def test_eval_takes_only_context_formats_the_package_has(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "export/smollm2-counterfact.toml", "--contexts", "top4"])
+    assert "invalid choice: 'top4'" in capsys.readouterr().err

@@ -95,10 +95,9 @@ def _rows(lm: Any, ns: Any) -> tuple[list[Any], float, int, str]:
     from .rows import file_and_rows
 
     if ns.recipe:
-        from ..config import load_recipe
-        from ..pipeline import recipe_data
+        from ..pipeline import read_recipe, recipe_data
 
-        recipe = load_recipe(ns.recipe)
+        recipe = read_recipe(ns.recipe)
         rows = recipe_data(recipe, lm, progress=False).attribution[: ns.limit]
         return rows, recipe.selection.threshold, recipe.selection.top_z, recipe.attribution.baseline
     out = []

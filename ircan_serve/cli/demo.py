@@ -35,10 +35,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
 
 
 def run(ns: argparse.Namespace) -> None:
-    from ..config import load_recipe
     from ..demo import demo_setting, print_demo, run_demo, summarize_set
     from ..files import atomic_write_json
-    from ..pipeline import recipe_paths
+    from ..pipeline import read_recipe, recipe_paths
 
     for name in ns.settings:
         demo_setting(name)
@@ -48,7 +47,7 @@ def run(ns: argparse.Namespace) -> None:
     recipes = ns.recipe or ["export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml"]
     sets = []
     for r in recipes:
-        checkpoint = recipe_paths(load_recipe(r)).output
+        checkpoint = recipe_paths(read_recipe(r)).output
         if not checkpoint.is_dir():
             raise IrcanError(f"{checkpoint} does not exist; build it with `ircan export {r}`")
         sets.append((checkpoint, r))

@@ -10,6 +10,7 @@ HELP = "compare IRCAN with CAD, prompt baselines and ablations on a test split"
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     from ..data import FORMAT_CHOICES
+    from ..data.contexts import CONTEXTS
     from ..evaluation.methods import METHODS
 
     p = sub.add_parser("eval", help=HELP)
@@ -24,17 +25,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p.add_argument("--alpha", type=float, default=0.5, help="CAD strength")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random-neuron ablations")
     p.add_argument("--out", help="output folder (default export/out/NAME.eval-TEST[-FORMAT]); reruns resume")
-    p.add_argument("--contexts", nargs="+", default=["sentence"], metavar="FORMAT",
+    p.add_argument("--contexts", nargs="+", default=["sentence"], metavar="FORMAT", choices=list(CONTEXTS),
                    help="context formats to report the recipe's test rows in, each apart "
-                        "(ircan_serve/data/contexts.py: sentence, passage-prose, passage-list, passage-qa, topk, irrelevant)")
+                        f"(ircan_serve/data/contexts.py:CONTEXTS: {', '.join(CONTEXTS)})")
     return p
 
 
 def run(ns: argparse.Namespace) -> None:
-    from ..config import load_recipe
     from ..evaluation.recipe_runs import eval_recipe
+    from ..pipeline import read_recipe
 
-    recipe = load_recipe(ns.recipe)
+    recipe = read_recipe(ns.recipe)
     for context in ns.contexts:
         try:
             report, out = eval_recipe(recipe, ns.recipe, methods=ns.methods, test=ns.test, data_format=ns.format,

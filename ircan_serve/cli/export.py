@@ -23,10 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
 
 
 def _from_recipe(ns: argparse.Namespace) -> None:
-    from ..config import load_recipe
-    from ..pipeline import run_recipe
+    from ..pipeline import read_recipe, run_recipe
 
-    recipe = load_recipe(ns.recipe)
+    recipe = read_recipe(ns.recipe)
     if ns.output:
         recipe = recipe.model_copy(update={"output": ns.output})
     if ns.beta is not None:

@@ -45,11 +45,11 @@ def run(ns: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import load_recipe
     from ..evaluation.metrics import SIDE_CHECKS
     from ..evaluation.recipe_runs import tune_recipe
+    from ..pipeline import read_recipe
 
-    recipe = load_recipe(ns.recipe)
+    recipe = read_recipe(ns.recipe)
     if ns.fit:
         _fit(recipe, ns)
         return

@@ -24,7 +24,6 @@ from typing import Any
 
 from ..answers import answer_matches
 from ..checkpoint.manifest import Manifest
-from ..config import load_recipe
 from ..data import ConflictExample
 from ..errors import IrcanError, table_entry
 from ..prompts import PromptTemplate, instructed
@@ -125,9 +124,9 @@ def held_out_questions(recipe_path: str | Path, lm: Any = None) -> tuple[list[Co
     the model ``lm``, loaded when not given); without, the rows after ``limit``.
     """
     from ..models import load_model
-    from ..pipeline import recipe_data
+    from ..pipeline import read_recipe, recipe_data
 
-    recipe = load_recipe(recipe_path)
+    recipe = read_recipe(recipe_path)
     if recipe.splits is None and not recipe.known_only and not (recipe.prompt and recipe.prompt.chat):
         from ..data import load_examples
 
@@ -239,13 +238,14 @@ def run_demo(sets: Sequence[tuple[str | Path, str | Path]], base: str = "smollm2
     each setting, or only of ``cad_settings``.
     ``save`` gets every set after each method (what is answered so far)."""
     from ..models import load_model, resolve_model
+    from ..pipeline import read_recipe
     from ..serving import VLLMServer
 
     demo_sets = []
     lm = None
     for checkpoint, recipe_path in sets:
         manifest = Manifest.load(checkpoint)
-        recipe = load_recipe(recipe_path)
+        recipe = read_recipe(recipe_path)
         if (recipe.splits or recipe.known_only) and lm is None:
             lm = load_model(recipe.model)
         rows, held = held_out_questions(recipe_path, lm)
