@@ -19,8 +19,8 @@ from .checkpoint.export import export_checkpoint
 from .checkpoint.manifest import DatasetInfo, Manifest, sha256_file
 from .config import AttributionConfig, Recipe, SelectionConfig, load_recipe
 from .conflicts import KnownReport, known_facts
-from .data import FORMAT_CHOICES, ConflictExample, LoadedData, check_prompt_lengths, data_path, load_examples
-from .data.contexts import CONTEXTS
+from .data import ConflictExample, LoadedData, check_prompt_lengths, data_path, formats, load_examples
+from .data.contexts import context_format
 from .errors import IrcanError
 from .files import atomic_write_json
 from .models import LoadedModel, load_model
@@ -70,13 +70,13 @@ def read_recipe(path: str | Path) -> Recipe:
         IrcanError: a name no table has, naming the recipe file, the key and the names there are.
     """
     recipe = load_recipe(path)
-    unknown = [c for c in recipe.contexts if c not in CONTEXTS]
-    if unknown:
-        raise IrcanError(f"recipe {path}: contexts {unknown} are not context formats; formats: "
-                         f"{', '.join(CONTEXTS)} (ircan_serve/data/contexts.py:CONTEXTS)")
-    if recipe.data_format not in FORMAT_CHOICES:
-        raise IrcanError(f"recipe {path}: data_format {recipe.data_format!r} is not a data format; formats: "
-                         f"{', '.join(FORMAT_CHOICES)} (ircan_serve/data/formats.py:FORMATS)")
+    try:
+        for name in recipe.contexts:
+            context_format(name)
+        if recipe.data_format != "auto":
+            formats.data_format(recipe.data_format)
+    except IrcanError as e:
+        raise IrcanError(f"recipe {path}: {e}") from None
     return recipe
 
 

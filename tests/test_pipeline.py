@@ -108,7 +108,8 @@ def test_a_recipe_with_an_unknown_data_format_or_no_contexts_is_refused_with_its
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('data_format = "counterfacts"\n')
-    with pytest.raises(IrcanError, match=r"r\.toml: data_format 'counterfacts' .*counterfact"):
+    unknown = r"r\.toml: data format 'counterfacts' does not exist; .*counterfact.*formats\.py:FORMATS"
+    with pytest.raises(IrcanError, match=unknown):
         read_recipe(recipe)
     recipe.write_text("contexts = []\n")
     with pytest.raises(IrcanError, match=r"(?s)r\.toml is invalid:\n.*contexts\n.*at least 1 item"):
