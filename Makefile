@@ -65,9 +65,14 @@ demo: setup
 	@# filter + attribution, about 15 min on 2 cores), reused after that.
 	test -d export/out/smollm2-counterfact || $(BIN)/ircan export export/smollm2-counterfact.toml
 	$(BIN)/ircan verify export/out/smollm2-counterfact --base smollm2
+	@# The checkpoint for RAG with the top few documents (1 neuron weakened, 4 heads x 2; found and
+	@# tuned on the retriever's top 4): about 12 more minutes the first time.
+	test -d export/out/smollm2-counterfact-topk || $(BIN)/ircan export export/smollm2-counterfact-topk.toml
+	$(BIN)/ircan verify export/out/smollm2-counterfact-topk --base smollm2
 	@# CAD costs two requests per token: on 2 CPU cores the served CAD rows alone take ~20 min per
 	@# checkpoint, so `make demo` leaves them out (ircan demo --cad 0.5 --cad-limit N adds them).
-	$(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --recipe export/smollm2-counterfact.toml --cad -1
+	$(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --recipe export/smollm2-counterfact.toml \
+		--recipe export/smollm2-counterfact-topk.toml --cad -1
 
 gpu-check: setup
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p = sub.add_parser("demo", help=HELP)
     p.add_argument("--recipe", action="append",
                    help="a recipe whose checkpoint (export/out/NAME) is compared on its held-out rows; "
-                        "repeat for several (default: smollm2-conflicts and smollm2-counterfact)")
+                        "repeat for several (default: smollm2-conflicts, smollm2-counterfact and smollm2-counterfact-topk)")
     p.add_argument("--base", default="smollm2", help="the original model to compare with")
     p.add_argument("--out", default="export/out/demo.json",
                    help="where to write the rates and tests (JSON; rewritten after each method, so a run cut short "
@@ -44,7 +44,8 @@ def run(ns: argparse.Namespace) -> None:
     if ns.cad_settings and not set(ns.cad_settings) <= set(ns.settings):
         raise IrcanError(f"--cad-settings {' '.join(ns.cad_settings)}: each must be one of --setting "
                          f"({' '.join(ns.settings)})")
-    recipes = ns.recipe or ["export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml"]
+    recipes = ns.recipe or ["export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml",
+                           "export/smollm2-counterfact-topk.toml"]
     sets = []
     for r in recipes:
         checkpoint = recipe_paths(read_recipe(r)).output
