@@ -71,8 +71,8 @@ demo: setup
 	$(BIN)/ircan verify export/out/smollm2-counterfact-topk --base smollm2
 	@# CAD costs two requests per token: on 2 CPU cores the served CAD rows alone take ~20 min per
 	@# checkpoint, so `make demo` leaves them out (ircan demo --cad 0.5 --cad-limit N adds them).
-	$(BIN)/ircan demo --recipe export/smollm2-conflicts.toml --recipe export/smollm2-counterfact.toml \
-		--recipe export/smollm2-counterfact-topk.toml --cad -1
+	@# Without --recipe, ircan demo compares the three checkpoints built above (cli/demo.py:DEFAULT_RECIPES).
+	$(BIN)/ircan demo --cad -1
 
 gpu-check: setup
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device (and make setup ENGINE=vllm on a fresh clone)')"

@@ -9,13 +9,16 @@ from ..errors import IrcanError
 
 HELP = ("RAG demo: original, instruction, patch, patch + instruction and CAD, served by vLLM, one table per "
         "setting (retrieved top 1 and top 4, passages, irrelevant documents)")
+DEFAULT_RECIPES = ("export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml",
+                   "export/smollm2-counterfact-topk.toml")
+"""The recipes ``ircan demo`` compares without ``--recipe`` (``make demo`` builds their checkpoints)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help=HELP)
     p.add_argument("--recipe", action="append",
                    help="a recipe whose checkpoint (export/out/NAME) is compared on its held-out rows; "
-                        "repeat for several (default: smollm2-conflicts, smollm2-counterfact and smollm2-counterfact-topk)")
+                        f"repeat for several (default: {', '.join(DEFAULT_RECIPES)})")
     p.add_argument("--base", default="smollm2", help="the original model to compare with")
     p.add_argument("--out", default="export/out/demo.json",
                    help="where to write the rates and tests (JSON; rewritten after each method, so a run cut short "
@@ -44,8 +47,7 @@ def run(ns: argparse.Namespace) -> None:
     if ns.cad_settings and not set(ns.cad_settings) <= set(ns.settings):
         raise IrcanError(f"--cad-settings {' '.join(ns.cad_settings)}: each must be one of --setting "
                          f"({' '.join(ns.settings)})")
-    recipes = ns.recipe or ["export/smollm2-conflicts.toml", "export/smollm2-counterfact.toml",
-                           "export/smollm2-counterfact-topk.toml"]
+    recipes = ns.recipe or list(DEFAULT_RECIPES)
     sets = []
     for r in recipes:
         checkpoint = recipe_paths(read_recipe(r)).output
