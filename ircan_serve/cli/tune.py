@@ -12,6 +12,7 @@ HELP = "choose the rule, h and beta on the recipe's dev rows (reversible reweigh
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     from ..config import PAPER_BETA, PAPER_H, SMALL_BETA
+    from ..evaluation.fitting import RANKS
 
     p = sub.add_parser("tune", help=HELP)
     p.add_argument("recipe", help="export/*.toml recipe whose attribution store exists")
@@ -38,6 +39,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p.add_argument("--max-units", type=int, default=6, help="--fit: at most this many units")
     p.add_argument("--factors", type=float, nargs="+", default=[0.0, 0.5, 2.0, 5.0, 10.0],
                    help="--fit: the factors tried per unit")
+    p.add_argument("--rank", choices=list(RANKS), default="accuracy",
+                   help="--fit: how a round orders its tries before checking them: "
+                        + "; ".join(f"{k}: {v.description}" for k, v in RANKS.items()))
+    p.add_argument("--from-choice", action="store_true",
+                   help="--fit: start from the units the recipe exports now (its grid choice or fitted list) and "
+                        "also try moving each one's factor or dropping it, instead of starting from none")
+    p.add_argument("--max-rounds", type=int, default=None,
+                   help="--fit: stop after this many rounds (default: --max-units, plus the starting units)")
     return p
 
 
@@ -85,6 +94,10 @@ def run(ns: argparse.Namespace) -> None:
         console.print(f"written to {ns.recipe}; rebuild with `ircan export {ns.recipe} --force`")
 
 
+MOVES = {"start": "from", "add": "+", "change": "~", "drop": "-"}
+"""How ``ircan tune --fit`` marks each step's move (:class:`~ircan_serve.evaluation.fitting.FitStep`)."""
+
+
 def _fit(recipe: Any, ns: argparse.Namespace) -> None:
     from rich.console import Console
 
@@ -92,15 +105,17 @@ def _fit(recipe: Any, ns: argparse.Namespace) -> None:
 
     result, report = fit_recipe(recipe, ns.recipe, candidates=ns.candidates, max_units=ns.max_units,
                                 factors=ns.factors, min_agreement=ns.min_agreement, max_drop=ns.max_drop,
-                                write=ns.write)
+                                write=ns.write, rank=ns.rank, from_choice=ns.from_choice,
+                                max_rounds=ns.max_rounds)
     console = Console(width=160)
     console.print(f"original: dev accuracy {result.original.accuracy:.3f}")
     for step in result.steps:
         p = step.point
-        console.print(f"+ {step.unit.label} x{step.unit.scale:g}: dev accuracy {p.dev.accuracy:.3f}, agreement "
+        console.print(f"{MOVES[step.move]} {step.unit.label} x{step.unit.scale:g}: dev accuracy {p.dev.accuracy:.3f}, agreement "
                       f"{p.agreement:.2f}, locality {p.checks.locality}, agreeing {p.checks.agreeing}, "
                       f"irrelevant {p.checks.irrelevant}, "
                       f"by format {p.by_format} ({step.tried} tries)")
-    console.print(f"{len(result.steps)} units in {result.seconds:.0f} s; fit in {report}")
+    console.print(f"{len(result.units.neurons)} units ({', '.join(u.written for u in result.units.neurons)}) "
+                  f"in {result.seconds:.0f} s; fit in {report}")
     if ns.write and result.units.neurons:
         console.print(f"written to {ns.recipe} and neurons.json; rebuild with `ircan export {ns.recipe} --force`")

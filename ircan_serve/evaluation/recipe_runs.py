@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..attribution import AttributionStore
 from ..config import Recipe, Rule, write_recipe_choice
@@ -27,6 +27,9 @@ from .metrics import SIDE_CHECKS
 from .report import write_report
 from .runner import evaluate
 from .tuning import TuneResult, tune
+
+if TYPE_CHECKING:
+    from .fitting import Rank
 
 
 @dataclass
@@ -157,20 +160,25 @@ def _chat_instructed(recipe: Recipe, lm: LoadedModel) -> Any:
 
 
 def fit_recipe(recipe: Recipe, recipe_path: str | Path, *, candidates: int, max_units: int,
-               factors: list[float], min_agreement: float, max_drop: float, write: bool) -> tuple[Any, Path]:
+               factors: list[float], min_agreement: float, max_drop: float, write: bool,
+               rank: Rank = "accuracy", from_choice: bool = False,
+               max_rounds: int | None = None) -> tuple[Any, Path]:
     """:func:`~.fitting.fit_factors` on the recipe's dev rows, from its ``candidates`` most frequent
-    units of each attributed kind; writes ``fit.json`` and, with ``write``, the fitted units into the
-    recipe's ``fitted`` list (and ``neurons.json``)."""
+    units of each attributed kind (with ``from_choice``, starting from the units the recipe exports
+    now); writes ``fit.json`` and, with ``write``, the fitted units into the recipe's ``fitted`` list
+    (and ``neurons.json``)."""
     from .fitting import fit_factors
 
     paths = recipe_paths(recipe)
-    pool = select_units(_records(recipe, recipe_path),
-                        recipe.selection.model_copy(update={"num_neurons": candidates, "num_heads": candidates}))
+    records = _records(recipe, recipe_path)
+    pool = select_units(records, recipe.selection.model_copy(update={"num_neurons": candidates, "num_heads": candidates}))
+    start = recipe_units(recipe, records).neurons if from_choice else []
     lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     data = recipe_data(recipe, lm)
     dev = data.dev
     result = fit_factors(lm.model, lm.tokenizer, pool, dev, factors=factors, max_units=max_units,
-                         min_agreement=min_agreement, max_drop=max_drop, overall_rows=overall_rows(data))
+                         min_agreement=min_agreement, max_drop=max_drop, overall_rows=overall_rows(data),
+                         start=start, rank=rank, max_rounds=max_rounds)
     report = atomic_write(paths.store / "fit.json", result.model_dump_json(indent=2))
     if write and result.units.neurons:
         result.units.save(paths.store / "neurons.json")

@@ -109,6 +109,16 @@ def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
     assert "3 dev rows, rows disjoint from the attribution rows" in out and "signed" in out
     assert "chosen:" in out and "over 7 rows: every row not in test" in out
     assert json.loads((tmp_path / "ckpt.attribution" / "tune.json").read_text())["overall_rows"] == 7
+    # a fit from the grid's choice starts at the units the recipe exports now, and only reports
+    before = recipe.read_text()
+    assert main(["tune", str(recipe), "--fit", "--from-choice", "--rank", "efficiency", "--factors", "0", "3",
+                 "--max-rounds", "1", "--min-agreement", "0", "--max-drop", "1", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    fit = json.loads((tmp_path / "ckpt.attribution" / "fit.json").read_text())
+    chosen = load_recipe(recipe)
+    assert fit["steps"][0]["move"] == "start" and len(fit["steps"]) <= 2
+    assert out.startswith("original: dev accuracy") and "\nfrom " in out and recipe.read_text() == before
+    assert fit["steps"][0]["point"]["h"] == chosen.selection.num_neurons  # the grid's h neurons
     assert main(["eval", str(recipe), "--methods", "original", "ircan", "erase", "shrink", "--out",
                  str(tmp_path / "ev")]) == 0
     report = (tmp_path / "ev" / "report.md").read_text()

@@ -3,9 +3,10 @@ import dataclasses
 import torch
 
 from ircan_serve.config import SelectionConfig, load_recipe, write_recipe_choice
-from ircan_serve.evaluation.metrics import agreement, first_token_score
+from ircan_serve.evaluation.metrics import agreement, first_token_score, logit_score
 from ircan_serve.evaluation.tuning import tune
 from ircan_serve.generation import next_token_logits
+from ircan_serve.reweight import reweighted
 from ircan_serve.units import Unit, UnitSet
 
 
@@ -243,3 +244,80 @@ def test_length_sorted_batches_come_back_in_the_callers_order(tiny_llama, confli
         torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-4)
     assert greedy_generate(model, tok, prompts, 4, batch_size=2) == [greedy_generate(model, tok, [p], 4)[0]
                                                                       for p in prompts]
+
+
+def test_fit_moves_add_change_and_drop_only_from_a_start():
+    from ircan_serve.evaluation.fitting import _moves
+
+    chosen = [Unit(layer=0, index=1, scale=2.0)]
+    pool = [Unit(layer=0, index=1), Unit(kind="head", layer=1, index=0)]
+    plain = _moves(chosen, pool, (0.5, 2.0), adjust=False)
+    # a chosen unit is not added twice; without adjust nothing chosen moves
+    assert [(m, u.label, u.scale) for _, u, m in plain] == [("add", "h1:0", 0.5), ("add", "h1:0", 2.0)]
+    assert all(units[0] == chosen[0] and len(units) == 2 for units, _, _ in plain)
+    moved = _moves(chosen, pool, (0.5, 2.0), adjust=True)
+    changes = [(units, u) for units, u, m in moved if m == "change"]
+    # the chosen unit at every other factor (not its own), in its place; and dropped
+    assert [(len(units), units[0].scale, u.scale) for units, u in changes] == [(1, 0.5, 0.5)]
+    assert [units for units, _, m in moved if m == "drop"] == [[]]
+
+
+def test_fit_ranks_by_accuracy_or_by_rows_per_agreement_spent():
+    from ircan_serve.evaluation.fitting import _ranked, _Try
+
+    unit = Unit(layer=0, index=0, scale=2.0)
+    tries = [_Try(0.60, 0.90, [unit], unit, "add"),   # +10 rows, spends 0.08 of agreement
+             _Try(0.52, 0.98, [unit], unit, "add"),   # +2 rows, spends nothing
+             _Try(0.70, 0.80, [unit], unit, "add"),   # below the agreement floor: never ranked
+             _Try(0.505, 0.99, [unit], unit, "add")]  # gains half a row: never ranked
+    by_accuracy = _ranked(tries, best=0.50, agree_now=0.98, n_rows=100, min_agreement=0.85, rank="accuracy")
+    assert [t.accuracy for t in by_accuracy] == [0.60, 0.52]
+    by_efficiency = _ranked(tries, best=0.50, agree_now=0.98, n_rows=100, min_agreement=0.85, rank="efficiency")
+    assert [t.accuracy for t in by_efficiency] == [0.52, 0.60]
+
+
+def test_fit_from_a_start_moves_a_chosen_units_factor(tiny_llama, conflicts):
+    from ircan_serve.evaluation.fitting import fit_factors
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pool = UnitSet(neurons=[Unit(layer=layer, index=i) for layer in (0, 1) for i in range(3)],
+                   selection=SelectionConfig(num_neurons=6), n_examples=1)
+    # dev rows whose "context answer" is what the model predicts with neuron 1:2 x 200 (the
+    # "memorized" one what it predicts as is): a fit started from 1:2 erased must move its factor
+    target = Unit(layer=1, index=2, scale=200.0)
+    rows = conflicts[:8]
+    original = next_token_logits(model, tok, [e.prompt for e in rows]).argmax(-1)
+    with reweighted(model, pool.model_copy(update={"neurons": [target], "rule": "fitted"})):
+        patched = next_token_logits(model, tok, [e.prompt for e in rows]).argmax(-1)
+    dev = [e.model_copy(update={"answer": tok.decode([int(b)]), "memorized": tok.decode([int(a)])})
+           for e, a, b in zip(rows, original, patched) if a != b]
+    assert len(dev) >= 4
+    start = [target.model_copy(update={"scale": 0.0})]
+    result = fit_factors(model, tok, pool, dev, factors=(0.0, 20.0, 200.0), max_units=1, min_agreement=0.0,
+                         max_drop=1.0, start=start, rank="efficiency")
+    first = result.steps[0]
+    assert first.move == "start" and first.tried == 0 and first.unit.written == "1:2x0"
+    with reweighted(model, pool.model_copy(update={"neurons": start, "rule": "fitted"})):
+        assert first.point.dev.accuracy == logit_score(model, tok, dev).accuracy
+    # max_units 1: nothing is added; the erased unit's factor moves to the one the rows were made with
+    assert [(s.move, s.unit.written) for s in result.steps[1:]] == [("change", "1:2x200")]
+    assert [u.written for u in result.units.neurons] == ["1:2x200"]
+    # (all rows but a byte token's, whose text does not decode back to itself)
+    assert result.steps[-1].point.dev.accuracy >= 1 - 1.5 / len(dev) > first.point.dev.accuracy
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fit_refuses_a_start_that_fails_the_checks(tiny_llama, conflicts):
+    import pytest
+
+    from ircan_serve.errors import IrcanError
+    from ircan_serve.evaluation.fitting import fit_factors
+
+    pool = UnitSet(neurons=[Unit(layer=1, index=i) for i in range(3)], selection=SelectionConfig(num_neurons=3),
+                   n_examples=1)
+    start = [Unit(layer=1, index=i, scale=500.0) for i in range(3)]
+    with pytest.raises(IrcanError, match=r"starting units \(1:0x500, .*\) fail the checks: .*agreement"):
+        fit_factors(tiny_llama.model, tiny_llama.tokenizer, pool, conflicts[:8], factors=(2.0,), max_units=3,
+                    min_agreement=1.0, max_drop=0.0, start=start)
