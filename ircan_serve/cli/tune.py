@@ -111,7 +111,8 @@ def _fit(recipe: Any, ns: argparse.Namespace) -> None:
     console.print(f"original: dev accuracy {result.original.accuracy:.3f}")
     for step in result.steps:
         p = step.point
-        console.print(f"{MOVES[step.move]} {step.unit.label} x{step.unit.scale:g}: dev accuracy {p.dev.accuracy:.3f}, agreement "
+        what = ", ".join(step.units) if step.move == "start" else f"{step.unit.label} x{step.unit.scale:g}"
+        console.print(f"{MOVES[step.move]} {what}: dev accuracy {p.dev.accuracy:.3f}, agreement "
                       f"{p.agreement:.2f}, locality {p.checks.locality}, agreeing {p.checks.agreeing}, "
                       f"irrelevant {p.checks.irrelevant}, "
                       f"by format {p.by_format} ({step.tried} tries)")

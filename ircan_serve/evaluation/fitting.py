@@ -44,6 +44,8 @@ class FitStep(BaseModel):
     move: Literal["start", "add", "change", "drop"] = Field(
         "add", description="'start': the units the fit began from; 'change': a chosen unit's factor moved; "
                            "'drop': a chosen unit removed.")
+    units: list[str] = Field(default_factory=list, description="Every unit after this step, as a recipe's "
+                                                               "fitted list writes them ('19:201x5').")
 
 
 class FitResult(BaseModel):
@@ -164,14 +166,14 @@ def fit_factors(model: Any, tokenizer: Any, candidates: UnitSet, dev: Sequence[C
         if point.collapsed:
             raise IrcanError(f"the starting units ({', '.join(u.written for u in chosen)}) fail the checks: "
                              f"{point.reason}; start from a choice that passes them (or lower --min-agreement)")
-        steps.append(FitStep(unit=chosen[-1], point=point, tried=0, move="start"))
+        steps.append(FitStep(unit=chosen[-1], point=point, tried=0, move="start", units=[u.written for u in chosen]))
         best, agree_now = point.dev.accuracy, point.agreement
     rounds = max_rounds if max_rounds is not None else max_units + len(chosen)
-    for _ in range(rounds):
+    for n in range(1, rounds + 1):
         moves = _moves(chosen, candidates.neurons if len(chosen) < max_units else [], factors, bool(start))
         if not moves:
             break
-        tries = _tries(model, tokenizer, dev, base, moves, template, f"fit: round {len(steps) + 1}")
+        tries = _tries(model, tokenizer, dev, base, moves, template, f"fit: round {n} of at most {rounds}")
         step = None
         for t in _ranked(tries, best, agree_now, len(dev), min_agreement, rank)[:checked_per_round]:
             units = template.model_copy(update={"neurons": t.units})
@@ -179,7 +181,8 @@ def fit_factors(model: Any, tokenizer: Any, candidates: UnitSet, dev: Sequence[C
                                 ("paper", units.count("neuron"), units.count("head"), t.unit.scale or 1.0),
                                 min_agreement, max_drop)
             if not point.collapsed:
-                step = FitStep(unit=t.unit, point=point, tried=len(tries), move=t.move)
+                step = FitStep(unit=t.unit, point=point, tried=len(tries), move=t.move,
+                               units=[u.written for u in t.units])
                 chosen = t.units
                 break
         if step is None:

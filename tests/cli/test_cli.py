@@ -119,6 +119,7 @@ def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
     assert fit["steps"][0]["move"] == "start" and len(fit["steps"]) <= 2
     assert out.startswith("original: dev accuracy") and "\nfrom " in out and recipe.read_text() == before
     assert fit["steps"][0]["point"]["h"] == chosen.selection.num_neurons  # the grid's h neurons
+    assert f"\nfrom {', '.join(fit['steps'][0]['units'])}: dev accuracy" in out
     assert main(["eval", str(recipe), "--methods", "original", "ircan", "erase", "shrink", "--out",
                  str(tmp_path / "ev")]) == 0
     report = (tmp_path / "ev" / "report.md").read_text()

@@ -303,6 +303,7 @@ def test_fit_from_a_start_moves_a_chosen_units_factor(tiny_llama, conflicts):
     # max_units 1: nothing is added; the erased unit's factor moves to the one the rows were made with
     assert [(s.move, s.unit.written) for s in result.steps[1:]] == [("change", "1:2x200")]
     assert [u.written for u in result.units.neurons] == ["1:2x200"]
+    assert [s.units for s in result.steps] == [["1:2x0"], ["1:2x200"]]
     # (all rows but a byte token's, whose text does not decode back to itself)
     assert result.steps[-1].point.dev.accuracy >= 1 - 1.5 / len(dev) > first.point.dev.accuracy
     for k, v in model.state_dict().items():
