@@ -90,17 +90,13 @@ RANKS: dict[str, FitRank] = {
 }
 
 
-def _key(u: Unit) -> tuple[str, int, int]:
-    return (u.kind, u.layer, u.index)
-
-
 def _moves(chosen: list[Unit], candidates: list[Unit], factors: Sequence[float],
            adjust: bool) -> list[tuple[list[Unit], Unit, Move]]:
     """(units, the unit moved, move) of every try on top of ``chosen``: each unit not chosen yet at
     each factor, and with ``adjust`` each chosen unit at each other factor or dropped."""
-    taken = {_key(u) for u in chosen}
+    taken = {u.label for u in chosen}
     out: list[tuple[list[Unit], Unit, Move]] = []
-    for u in (u for u in candidates if _key(u) not in taken):
+    for u in (u for u in candidates if u.label not in taken):
         for f in factors:
             added = u.model_copy(update={"scale": f})
             out.append(([*chosen, added], added, "add"))
