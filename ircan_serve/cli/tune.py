@@ -12,7 +12,7 @@ HELP = "choose the rule, h and beta on the recipe's dev rows (reversible reweigh
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     from ..config import PAPER_BETA, PAPER_H, SMALL_BETA
-    from ..evaluation.fitting import RANKS
+    from ..evaluation.fit_ranks import RANKS
 
     p = sub.add_parser("tune", help=HELP)
     p.add_argument("recipe", help="export/*.toml recipe whose attribution store exists")

@@ -20,9 +20,8 @@ also move a chosen unit's factor or drop it (coordinate ascent from a point that
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -30,6 +29,7 @@ from ..data import ConflictExample
 from ..errors import IrcanError
 from ..reweight import reweighted
 from ..units import Unit, UnitSet
+from .fit_ranks import RANKS, Move, Rank, Try
 from .metrics import Score, agreement, logit_score
 from .tuning import Baseline, GridPoint, score_point
 
@@ -57,39 +57,6 @@ class FitResult(BaseModel):
     seconds: float
 
 
-Rank = Literal["accuracy", "efficiency"]
-Move = Literal["add", "change", "drop"]
-
-_AGREEMENT_FLOOR = 0.005
-"""Efficiency's divisor for a try that spends no agreement: a quarter of one prompt in 200."""
-
-
-class _Try(NamedTuple):
-    accuracy: float
-    agreement: float
-    units: list[Unit]
-    unit: Unit
-    move: Move
-
-
-@dataclass(frozen=True)
-class FitRank:
-    """How a round orders its tries before they are checked (``ircan tune --fit --rank``)."""
-
-    description: str
-    key: Callable[[_Try, float, float], float]
-    """(try, dev accuracy so far, agreement so far) -> higher is checked first."""
-
-
-RANKS: dict[str, FitRank] = {
-    "accuracy": FitRank("the try with the best dev accuracy first", lambda t, best, agree: t.accuracy),
-    "efficiency": FitRank(
-        "dev rows gained per point of top-1 agreement spent first (agreement is the budget every unit draws on: "
-        "a unit that buys a little for nothing goes before one that buys more and spends the margin)",
-        lambda t, best, agree: (t.accuracy - best) / max(agree - t.agreement, _AGREEMENT_FLOOR)),
-}
-
-
 def _moves(chosen: list[Unit], candidates: list[Unit], factors: Sequence[float],
            adjust: bool) -> list[tuple[list[Unit], Unit, Move]]:
     """(units, the unit moved, move) of every try on top of ``chosen``: each unit not chosen yet at
@@ -111,7 +78,7 @@ def _moves(chosen: list[Unit], candidates: list[Unit], factors: Sequence[float],
 
 
 def _tries(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base: Baseline,
-           moves: list[tuple[list[Unit], Unit, Move]], template: UnitSet, label: str) -> list[_Try]:
+           moves: list[tuple[list[Unit], Unit, Move]], template: UnitSet, label: str) -> list[Try]:
     """Dev accuracy and top-1 agreement without context (cheap: short prompts) of every move."""
     from tqdm.auto import tqdm
 
@@ -120,12 +87,12 @@ def _tries(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base: Bas
         with reweighted(model, template.model_copy(update={"neurons": units})):
             accuracy = logit_score(model, tokenizer, dev).accuracy
             agree, _ = agreement(model, tokenizer, base.plain, base.reference)
-        out.append(_Try(accuracy, agree, units, unit, move))
+        out.append(Try(accuracy, agree, units, unit, move))
     return out
 
 
-def _ranked(tries: list[_Try], best: float, agree_now: float, n_rows: int, min_agreement: float,
-            rank: Rank) -> list[_Try]:
+def _ranked(tries: list[Try], best: float, agree_now: float, n_rows: int, min_agreement: float,
+            rank: Rank) -> list[Try]:
     """The tries that gain at least one dev row and keep the agreement floor, in ``rank`` order."""
     gaining = [t for t in tries if t.accuracy * n_rows >= best * n_rows + 1 - 1e-9 and t.agreement >= min_agreement]
     return sorted(gaining, key=lambda t: -RANKS[rank].key(t, best, agree_now))

@@ -263,13 +263,14 @@ def test_fit_moves_add_change_and_drop_only_from_a_start():
 
 
 def test_fit_ranks_by_accuracy_or_by_rows_per_agreement_spent():
-    from ircan_serve.evaluation.fitting import _ranked, _Try
+    from ircan_serve.evaluation.fit_ranks import Try
+    from ircan_serve.evaluation.fitting import _ranked
 
     unit = Unit(layer=0, index=0, scale=2.0)
-    tries = [_Try(0.60, 0.90, [unit], unit, "add"),   # +10 rows, spends 0.08 of agreement
-             _Try(0.52, 0.98, [unit], unit, "add"),   # +2 rows, spends nothing
-             _Try(0.70, 0.80, [unit], unit, "add"),   # below the agreement floor: never ranked
-             _Try(0.505, 0.99, [unit], unit, "add")]  # gains half a row: never ranked
+    tries = [Try(0.60, 0.90, [unit], unit, "add"),   # +10 rows, spends 0.08 of agreement
+             Try(0.52, 0.98, [unit], unit, "add"),   # +2 rows, spends nothing
+             Try(0.70, 0.80, [unit], unit, "add"),   # below the agreement floor: never ranked
+             Try(0.505, 0.99, [unit], unit, "add")]  # gains half a row: never ranked
     by_accuracy = _ranked(tries, best=0.50, agree_now=0.98, n_rows=100, min_agreement=0.85, rank="accuracy")
     assert [t.accuracy for t in by_accuracy] == [0.60, 0.52]
     by_efficiency = _ranked(tries, best=0.50, agree_now=0.98, n_rows=100, min_agreement=0.85, rank="efficiency")
