@@ -29,7 +29,7 @@ from .runner import evaluate
 from .tuning import TuneResult, tune
 
 if TYPE_CHECKING:
-    from .fitting import Rank
+    from .fit_ranks import Rank
 
 
 @dataclass
