@@ -121,6 +121,10 @@ class Recipe(_Settings):
     contexts: list[str] = Field(["sentence"], min_length=1, description="Context formats the attribution and dev rows are "
                                 "built in, in turn (ircan_serve/data/contexts.py:CONTEXTS): a mix trains the "
                                 "units on the shapes users retrieve; the test rows are reported in each format.")
+    dev_contexts: list[str] | None = Field(None, min_length=1, description="Context formats the dev rows are built "
+                                           "in, in turn (default: contexts): tuning's objective and its checks then "
+                                           "run in formats attribution never saw (e.g. ['topk', 'passage-list']). "
+                                           "Needs [splits].")
     top_k: int = Field(4, ge=1, description="Documents per context in the 'topk' and 'irrelevant' formats.")
     beta: float = Field(
         5.0, ge=0, description="beta: factor on the selected down_proj columns (0 erases them); "
@@ -146,7 +150,18 @@ class Recipe(_Settings):
         if self.attribution.baseline == "irrelevant" and "irrelevant" in self.contexts:
             raise ValueError("[attribution] baseline = 'irrelevant' with 'irrelevant' among the contexts: those rows' "
                              "path would start where it ends and score nothing; drop one of them")
+        if self.dev_contexts is not None and self.splits is None:
+            raise ValueError("dev_contexts builds the dev rows apart from the attribution rows, which only [splits] "
+                             "separates: add [splits] (attribution, dev) or drop dev_contexts")
+        if self.dev_contexts is not None and "irrelevant" in self.dev_contexts:
+            raise ValueError("dev_contexts holds 'irrelevant', whose contexts do not state the answer tuning scores; "
+                             "tuning already checks every point on irrelevant documents: drop it")
         return self
+
+    @property
+    def tuning_contexts(self) -> list[str]:
+        """The formats the dev rows are built in: ``dev_contexts``, or the attribution rows' ``contexts``."""
+        return self.dev_contexts or self.contexts
 
     @property
     def folder(self) -> Path | None:

@@ -71,7 +71,7 @@ def read_recipe(path: str | Path) -> Recipe:
     """
     recipe = load_recipe(path)
     try:
-        for name in recipe.contexts:
+        for name in [*recipe.contexts, *(recipe.dev_contexts or [])]:
             context_format(name)
         if recipe.data_format != "auto":
             formats.data_format(recipe.data_format)
@@ -132,7 +132,9 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
     """Load, filter and split a recipe's rows.
 
     With ``[splits]``: the first rows (after the known-facts filter, in file order) are for
-    attribution, the next for dev, the rest (up to ``test``) for test, disjoint. Without it, the
+    attribution, the next for dev, the rest (up to ``test``) for test, disjoint; the attribution rows
+    are built in the recipe's ``contexts``, the dev rows in its ``dev_contexts`` (default the same), the
+    test rows left as loaded (``in_format`` builds them per format). Without it, the
     paper's protocol: the ``limit`` rows are both the attribution and the dev rows, and there
     are no test rows in the file.
 
@@ -161,7 +163,8 @@ def recipe_data(recipe: Recipe, lm: LoadedModel, *, progress: bool = True,
     if recipe.splits.test is not None:
         test = test[: recipe.splits.test]
     return RecipeData(_in_formats(recipe, lm, rows[:a], rows, data.template),
-                      _in_formats(recipe, lm, rows[a : a + d], rows, data.template), test, data.skipped,
+                      _in_formats(recipe, lm, rows[a : a + d], rows, data.template, recipe.tuning_contexts), test,
+                      data.skipped,
                       data.template, known, corpus=rows)
 
 

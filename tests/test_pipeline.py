@@ -122,3 +122,46 @@ def test_eval_takes_only_context_formats_the_package_has(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "export/smollm2-counterfact.toml", "--contexts", "top4"])
     assert "invalid choice: 'top4'" in capsys.readouterr().err
+
+
+def test_dev_contexts_build_the_dev_rows_in_their_own_formats_and_leave_attribution_as_it_was(tmp_path, tiny_llama_dir):
+    """A recipe whose units are found on the top 4 and tuned on the top 4 and numbered lists: the
+    dev rows come in turn in the two formats, the attribution rows only in ``contexts``, the test
+    rows as loaded; the same rows as a recipe whose ``contexts`` were the dev formats."""
+    from helpers import FIXTURES
+    from ircan_serve.config import load_recipe
+    from ircan_serve.data.contexts import format_of
+    from ircan_serve.models import load_model
+    from ircan_serve.pipeline import recipe_data
+
+    body = (f'model = "{tiny_llama_dir}"\ndata = "{FIXTURES / "data" / "counterfact-val-head.json"}"\n'
+            'data_format = "counterfact"\nskip_invalid = true\ncontexts = ["topk"]\n{dev}'
+            '[prompt]\nwith_context = "{{context}}\\n{{question}}"\nwithout_context = "{{question}}"\n'
+            '[splits]\nattribution = 4\ndev = 6\ntest = 3\n')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(body.format(dev='dev_contexts = ["topk", "passage-list"]\n'))
+    lm = load_model(str(tiny_llama_dir))
+    split = recipe_data(load_recipe(recipe), lm)
+    assert [format_of(e) for e in split.attribution] == ["topk"] * 4
+    assert [format_of(e) for e in split.dev] == ["topk", "passage-list"] * 3
+    assert all("@" not in e.id for e in split.test)
+    assert all(e.agreeing_prompt and e.irrelevant_prompt for e in split.dev)
+    recipe.write_text(body.format(dev="").replace('contexts = ["topk"]', 'contexts = ["topk", "passage-list"]'))
+    assert recipe_data(load_recipe(recipe), lm).dev == split.dev
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ('dev_contexts = ["topk", "pasage-list"]\n[splits]\nattribution = 1\ndev = 1\n', "'pasage-list' does not exist"),
+    ('dev_contexts = ["topk"]\n', r"(?s)is invalid:.*only \[splits\] separates: add \[splits\]"),
+    ('dev_contexts = ["topk", "irrelevant"]\n[splits]\nattribution = 1\ndev = 1\n',
+     "(?s)is invalid:.*dev_contexts holds 'irrelevant'"),
+])
+def test_bad_dev_contexts_are_refused_with_the_recipe_file(tmp_path, extra, problem):
+    from ircan_serve.errors import IrcanError
+    from ircan_serve.pipeline import read_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('contexts = ["topk"]\n' + extra)
+    with pytest.raises(IrcanError, match=problem) as raised:
+        read_recipe(recipe)
+    assert "r.toml" in str(raised.value)
