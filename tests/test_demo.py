@@ -102,7 +102,7 @@ def test_demo_settings_build_every_context_from_the_held_out_rows():
     recipe = Path(__file__).resolve().parents[1] / "export" / "smollm2-conflicts.toml"
     rows, held = held_out_questions(recipe)
     s = DemoSet("conflicts", None, QA_TEMPLATE, rows, held[:6])  # type: ignore[arg-type]
-    build_settings(s, ["retrieved-1", "retrieved-4", "passage-list", "irrelevant"])
+    build_settings(s, ["retrieved-1", "retrieved-4", "passage-list", "passage-bullets", "irrelevant"])
     one, four = s.settings["retrieved-1"], s.settings["retrieved-4"]
     assert s.rows is one and all(len(v) == 6 for v in s.settings.values())
     # a wider retrieval finds the own document at least as often, and holds more text
@@ -110,6 +110,9 @@ def test_demo_settings_build_every_context_from_the_held_out_rows():
     assert all(len(b.context) > len(a.context) for a, b in zip(one, four))
     for r in s.settings["passage-list"]:
         assert r.context.startswith("1. ") and answer_matches(r.context, r.example.answer)
+    for r in s.settings["passage-bullets"]:
+        assert r.context.startswith("Key facts about ") and "\n- " in r.context
+        assert answer_matches(r.context, r.example.answer)
     for r in s.settings["irrelevant"]:
         assert (r.example.context or "") not in r.context and r.own_document is None
     import pytest

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     p.add_argument("--setting", dest="settings", nargs="+",
                    default=["retrieved-1", "retrieved-4", "passage-list", "irrelevant"],
                    help="where contexts come from, one table each (ircan_serve/demo/run.py:SETTINGS: retrieved-1, "
-                        "retrieved-4, passage-list, passage-prose, irrelevant, chat-retrieved-4)")
+                        "retrieved-4, passage-list, passage-prose, passage-bullets, irrelevant, chat-retrieved-4)")
     p.add_argument("--limit", type=int, help="ask only the first N held-out questions of each recipe")
     p.add_argument("--cad", type=float, default=0.5, metavar="ALPHA",
                    help="served CAD and IRCAN + CAD with this alpha (two streams; see README); --cad -1: none")

@@ -5,10 +5,11 @@ row's fact into the shapes users retrieve, so attribution, tuning, evaluation an
 each be asked for any of them:
 
 * ``sentence``: the row's own context (CounterFact: one paraphrase ending in the answer);
-* ``passage-prose``, ``passage-list``, ``passage-qa``: multi-sentence evidence of about 100 words
-  in three styles (a paragraph, a numbered list of claims, question-and-answer notes): several
-  claims that support the answer, the answer inside sentences rather than at their end, and
-  distractor claims about other subjects;
+* ``passage-prose``, ``passage-list``, ``passage-qa``, ``passage-bullets``: multi-sentence evidence
+  of 50 to 130 words in four styles (a paragraph, a numbered list of claims, question-and-answer
+  notes, a fact sheet of bullets whose claims are worded from a second template bank, so a list
+  style tuning on ``passage-list`` never saw): several claims that support the answer, the answer
+  inside sentences rather than at their end, and distractor claims about other subjects;
 * ``topk``: the top k documents a retriever returns for the question from all rows' sentences
   (the relevant one among its nearest neighbours, or not at all);
 * ``irrelevant``: the nearest documents about *other* subjects only, as a retriever returns them
@@ -40,6 +41,14 @@ SUPPORT = [  # a claim with the answer inside it: {s} a statement start, {a} the
     "{S} {a}; this is the version given in the main biographies and databases.",
     "Asked about {subj}, specialists point to {a} first.",
 ]
+SHEET = [  # the fact sheet's claims: worded apart from SUPPORT, the answer inside each
+    "{S} {a}, according to the standard references on the topic.",
+    "Sources consistently list {a} for {subj}, without exception.",
+    "{A} comes up again and again in accounts of {subj}.",
+    "Records confirm that {s} {a}, and no dispute about it is recorded.",
+    "{S} {a}, which later writers simply repeat.",
+    "Encyclopedias name {a} in this connection, as do the archives.",
+]
 NEUTRAL = [  # about the subject, without the answer
     "{subj} is discussed in many reference works.",
     "Several articles have been written about {subj} over the years.",
@@ -52,13 +61,13 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _claims(e: ConflictExample, rng: random.Random, n: int) -> list[str]:
-    """``n`` claims that state the context's answer, each with it inside the sentence."""
+def _claims(e: ConflictExample, rng: random.Random, n: int, bank: Sequence[str] = SUPPORT) -> list[str]:
+    """``n`` claims that state the context's answer, each with it inside the sentence (templates: ``bank``)."""
     answer = e.answer.strip()
     subject = e.subject or (e.question or "it")
     starts = e.statements or [e.question or ""]
     out = []
-    for template in rng.sample(SUPPORT, n):
+    for template in rng.sample(list(bank), n):
         start = rng.choice(starts).strip()
         lower = start[:1].lower() + start[1:] if start.startswith(("The ", "A ", "An ")) else start
         out.append(template.format(s=lower, S=_capital(start), a=answer, A=_capital(answer), subj=subject))
@@ -127,6 +136,13 @@ def _qa_notes(e: ConflictExample, pool: ContextPool) -> str:
     return "\n".join(lines)
 
 
+def _fact_sheet(e: ConflictExample, pool: ContextPool) -> str:
+    rng = _seed(e, "sheet")
+    items = [*_claims(e, rng, 4, SHEET), *_distractors(pool.rows, e, rng, 1)]
+    rng.shuffle(items)
+    return "\n".join([f"Key facts about {e.subject or 'the subject'}:", *(f"- {item}" for item in items)])
+
+
 def _topk(e: ConflictExample, pool: ContextPool) -> str:
     return " ".join(r.context or "" for r in pool.nearest(e, pool.k, exclude_own=False))
 
@@ -148,6 +164,7 @@ CONTEXTS: dict[str, ContextFormat] = {
     "passage-prose": ContextFormat(_prose, "a paragraph: claims for the answer among distractors"),
     "passage-list": ContextFormat(_numbered, "a numbered list of claims, one of them about another subject"),
     "passage-qa": ContextFormat(_qa_notes, "question-and-answer notes"),
+    "passage-bullets": ContextFormat(_fact_sheet, "a fact sheet of bullets, its claims worded apart from the others'"),
     "topk": ContextFormat(_topk, "the retriever's top k documents for the question"),
     "irrelevant": ContextFormat(_irrelevant, "the nearest documents about other subjects only", relevant=False),
 }

@@ -49,6 +49,8 @@ SETTINGS: dict[str, DemoSetting] = {
     "retrieved-4": DemoSetting("the retriever's top 4 documents", k=4),
     "passage-list": DemoSetting("a numbered list of claims with a distractor", context="passage-list"),
     "passage-prose": DemoSetting("a paragraph of claims among distractors", context="passage-prose"),
+    "passage-bullets": DemoSetting("a fact sheet of bullets, worded apart from the numbered list",
+                                   context="passage-bullets"),
     "irrelevant": DemoSetting("the 4 nearest documents about other subjects only", context="irrelevant",
                               relevant=False),
     "chat-retrieved-4": DemoSetting("the retriever's top 4 documents, through ChatIrcan (chat template)", k=4,
