@@ -118,13 +118,13 @@ class Recipe(_Settings):
     prompt: PromptTemplate | None = Field(None, description="The RAG prompt ({context}, {question}; "
                                           "chat = true for the chat template); default: the format's own.")
     skip_invalid: bool = Field(False, description="Skip bad rows instead of stopping.")
-    contexts: list[str] = Field(["sentence"], min_length=1, description="Context formats the attribution and dev rows are "
-                                "built in, in turn (ircan_serve/data/contexts.py:CONTEXTS): a mix trains the "
-                                "units on the shapes users retrieve; the test rows are reported in each format.")
+    contexts: list[str] = Field(["sentence"], min_length=1, description="Context formats the attribution rows (and the "
+                                "dev rows, unless dev_contexts) are built in, in turn "
+                                "(ircan_serve/data/contexts.py:CONTEXTS): a mix trains the units on the shapes users "
+                                "retrieve; the test rows are reported in each format.")
     dev_contexts: list[str] | None = Field(None, min_length=1, description="Context formats the dev rows are built "
                                            "in, in turn (default: contexts): tuning's objective and its checks then "
-                                           "run in formats attribution never saw (e.g. ['topk', 'passage-list']). "
-                                           "Needs [splits].")
+                                           "run in formats attribution never saw (e.g. ['topk', 'passage-list']).")
     top_k: int = Field(4, ge=1, description="Documents per context in the 'topk' and 'irrelevant' formats.")
     beta: float = Field(
         5.0, ge=0, description="beta: factor on the selected down_proj columns (0 erases them); "

@@ -71,12 +71,16 @@ def read_recipe(path: str | Path) -> Recipe:
     """
     recipe = load_recipe(path)
     try:
-        for name in [*recipe.contexts, *(recipe.dev_contexts or [])]:
-            context_format(name)
         if recipe.data_format != "auto":
             formats.data_format(recipe.data_format)
     except IrcanError as e:
         raise IrcanError(f"recipe {path}: {e}") from None
+    for key, names in (("contexts", recipe.contexts), ("dev_contexts", recipe.dev_contexts or [])):
+        try:
+            for name in names:
+                context_format(name)
+        except IrcanError as e:
+            raise IrcanError(f"recipe {path}: {key}: {e}") from None
     return recipe
 
 
@@ -173,7 +177,7 @@ def _in_formats(recipe: Recipe, lm: LoadedModel, part: list[ConflictExample], co
     """``part`` with its contexts in ``names`` (the recipe's formats), in turn, each row with its
     irrelevant-documents prompt (as loaded when both are the one sentence)."""
     names = names or recipe.contexts
-    if template is None or (names == ["sentence"] and recipe.contexts == ["sentence"]):
+    if template is None or (names == recipe.contexts == recipe.tuning_contexts == ["sentence"]):
         return part
     from .data import renderer
     from .data.contexts import ContextPool, mixed

@@ -153,3 +153,17 @@ def test_demo_refuses_cad_settings_it_does_not_ask(capsys):
 
     assert main(["demo", "--setting", "retrieved-1", "passage-list", "--cad-settings", "irrelevant"]) == 2
     assert "--cad-settings irrelevant: each must be one of --setting (retrieved-1 passage-list)" in capsys.readouterr().err
+
+
+def test_demo_help_names_every_setting(capsys, monkeypatch):
+    """The --setting help lists the settings by hand (the parser imports no torch): every one."""
+    import pytest
+
+    from ircan_serve.cli import main
+    from ircan_serve.demo.run import SETTINGS
+
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert [name for name in SETTINGS if name not in out] == []

@@ -144,14 +144,21 @@ def test_dev_contexts_build_the_dev_rows_in_their_own_formats_and_leave_attribut
     split = recipe_data(load_recipe(recipe), lm)
     assert [format_of(e) for e in split.attribution] == ["topk"] * 4
     assert [format_of(e) for e in split.dev] == ["topk", "passage-list"] * 3
-    assert all("@" not in e.id for e in split.test)
     assert all(e.agreeing_prompt and e.irrelevant_prompt for e in split.dev)
     recipe.write_text(body.format(dev="").replace('contexts = ["topk"]', 'contexts = ["topk", "passage-list"]'))
     assert recipe_data(load_recipe(recipe), lm).dev == split.dev
+    # units found on the one sentence, tuned on the top 4: the attribution rows stay sentences, and
+    # still carry the irrelevant documents tuning checks over every row that is not a test row
+    recipe.write_text(body.format(dev='dev_contexts = ["topk"]\n').replace('\ncontexts = ["topk"]', '\ncontexts = ["sentence"]'))
+    split = recipe_data(load_recipe(recipe), lm)
+    assert [format_of(e) for e in split.attribution] == ["sentence"] * 4
+    assert [format_of(e) for e in split.dev] == ["topk"] * 6
+    assert all(e.irrelevant_prompt for e in split.attribution + split.dev)
 
 
 @pytest.mark.parametrize(("extra", "problem"), [
-    ('dev_contexts = ["topk", "pasage-list"]\n[splits]\nattribution = 1\ndev = 1\n', "'pasage-list' does not exist"),
+    ('dev_contexts = ["topk", "pasage-list"]\n[splits]\nattribution = 1\ndev = 1\n',
+     "dev_contexts: context format 'pasage-list' does not exist"),
     ('dev_contexts = ["topk"]\n', r"(?s)is invalid:.*only \[splits\] separates: add \[splits\]"),
     ('dev_contexts = ["topk", "irrelevant"]\n[splits]\nattribution = 1\ndev = 1\n',
      "(?s)is invalid:.*dev_contexts holds 'irrelevant'"),

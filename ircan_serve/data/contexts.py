@@ -42,7 +42,7 @@ SUPPORT = [  # a claim with the answer inside it: {s} a statement start, {a} the
     "Asked about {subj}, specialists point to {a} first.",
 ]
 SHEET = [  # the fact sheet's claims: worded apart from SUPPORT, the answer inside each
-    "{S} {a}, according to the standard references on the topic.",
+    "{S} {a}, in the standard references on the topic.",
     "Sources consistently list {a} for {subj}, without exception.",
     "{A} comes up again and again in accounts of {subj}.",
     "Records confirm that {s} {a}, and no dispute about it is recorded.",
@@ -138,9 +138,11 @@ def _qa_notes(e: ConflictExample, pool: ContextPool) -> str:
 
 def _fact_sheet(e: ConflictExample, pool: ContextPool) -> str:
     rng = _seed(e, "sheet")
+    subject = e.subject or "the subject"
     items = [*_claims(e, rng, 4, SHEET), *_distractors(pool.rows, e, rng, 1)]
     rng.shuffle(items)
-    return "\n".join([f"Key facts about {e.subject or 'the subject'}:", *(f"- {item}" for item in items)])
+    items.append(rng.choice(NEUTRAL).format(subj=subject))  # as the list: never another subject's answer last
+    return "\n".join([f"Key facts about {subject}:", *(f"- {item}" for item in items)])
 
 
 def _topk(e: ConflictExample, pool: ContextPool) -> str:

@@ -117,8 +117,12 @@ class EvalStore:
         if self.path.is_file():
             old = json.loads(self.path.read_text())
             # older results recorded the attribution batch size, which changes no result, and lack
-            # the attribution baseline, which was the path from no context
-            attribution = old.get("settings", {}).get("recipe", {}).get("attribution")
+            # the attribution baseline, which was the path from no context, and the dev rows'
+            # formats, which were the recipe's contexts
+            recipe = old.get("settings", {}).get("recipe")
+            if recipe is not None:
+                recipe.setdefault("dev_contexts", None)
+            attribution = (recipe or {}).get("attribution")
             if attribution is not None:
                 attribution.pop("internal_batch_size", None)
                 attribution.setdefault("baseline", "no-context")

@@ -50,20 +50,26 @@ def test_every_method_runs_on_each_task(tmp_path, tiny_llama, conflicts):
 
 
 def test_results_made_before_a_setting_existed_resume_under_its_old_value(tmp_path):
-    """results.json written before [attribution] baseline existed (and with the batch size, which
-    older versions recorded) resumes under baseline = 'no-context'; another baseline does not."""
+    """results.json written before [attribution] baseline and dev_contexts existed (and with the
+    batch size, which older versions recorded) resumes under baseline = 'no-context' and no
+    dev_contexts; another baseline, or dev rows in other formats, does not."""
     from ircan_serve.config import Recipe
     from ircan_serve.evaluation.runner import EvalStore
 
     settings = {"recipe": Recipe(name="r", contexts=["sentence", "topk"]).model_dump(), "limit": 3}
     old = json.loads(json.dumps(settings))
     del old["recipe"]["attribution"]["baseline"]
+    del old["recipe"]["dev_contexts"]
     old["recipe"]["attribution"]["internal_batch_size"] = 40
     (tmp_path / "results.json").write_text(json.dumps({"settings": old, "methods": [{"method": "original"}],
                                                        "side_effects": None}))
     assert EvalStore(tmp_path, settings).data["methods"] == [{"method": "original"}]
     other = json.loads(json.dumps(settings))
     other["recipe"]["attribution"]["baseline"] = "irrelevant"
+    with pytest.raises(IrcanError, match="other settings"):
+        EvalStore(tmp_path, other)
+    other = json.loads(json.dumps(settings))
+    other["recipe"]["dev_contexts"] = ["topk", "passage-list"]
     with pytest.raises(IrcanError, match="other settings"):
         EvalStore(tmp_path, other)
 
