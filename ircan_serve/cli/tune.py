@@ -67,7 +67,7 @@ def run(ns: argparse.Namespace) -> None:
     result = done.result
     which = ("the recipe's attribution rows (no \\[splits]: the paper's protocol)" if recipe.splits is None
              else "rows disjoint from the attribution rows")
-    table = Table(title=f"tune {recipe.name}: {done.dev_rows} dev rows, {which}")
+    table = Table(title=f"tune {recipe.name}: {done.dev_rows} dev rows ({', '.join(recipe.tuning_contexts)}), {which}")
     for col in ("rule", "h", "beta", "dev accuracy", "dev stubbornness", "top-1 agreement (no context)",
                 *SIDE_CHECKS, "KL", "collapsed"):
         table.add_column(col, justify="right")
@@ -108,7 +108,8 @@ def _fit(recipe: Any, ns: argparse.Namespace) -> None:
                                 write=ns.write, rank=ns.rank, from_choice=ns.from_choice,
                                 max_rounds=ns.max_rounds)
     console = Console(width=160)
-    console.print(f"original: dev accuracy {result.original.accuracy:.3f}")
+    console.print(f"original: dev accuracy {result.original.accuracy:.3f}, by format {result.original_by_format} "
+                  f"(dev rows in {', '.join(recipe.tuning_contexts)})")
     for step in result.steps:
         p = step.point
         what = ", ".join(step.units) if step.move == "start" else f"{step.unit.label} x{step.unit.scale:g}"

@@ -31,7 +31,7 @@ from ..reweight import reweighted
 from ..units import Unit, UnitSet
 from .fit_ranks import RANKS, Move, Rank, Try
 from .metrics import Score, agreement, logit_score
-from .tuning import Baseline, GridPoint, score_point
+from .tuning import Baseline, GridPoint, accuracy_by_format, score_point
 
 FACTORS = (0.0, 0.5, 2.0, 5.0, 10.0)
 """The factors tried per unit: erase, halve, and three strengths of enhancement."""
@@ -52,6 +52,8 @@ class FitResult(BaseModel):
     """The chosen units with their fitted factors, and each step of the fit."""
 
     original: Score
+    original_by_format: dict[str, float] = Field(default_factory=dict, description="The original's dev accuracy "
+                                                 "per context format.")
     steps: list[FitStep]
     units: UnitSet
     seconds: float
@@ -153,4 +155,5 @@ def fit_factors(model: Any, tokenizer: Any, candidates: UnitSet, dev: Sequence[C
         steps.append(step)
         best, agree_now = step.point.dev.accuracy, step.point.agreement
     units = template.model_copy(update={"neurons": chosen, "beta": max((u.scale or 1.0 for u in chosen), default=1.0)})
-    return FitResult(original=original, steps=steps, units=units, seconds=time.perf_counter() - t0)
+    return FitResult(original=original, original_by_format=accuracy_by_format(original, dev, base.groups), steps=steps,
+                     units=units, seconds=time.perf_counter() - t0)

@@ -106,6 +106,14 @@ def by_format(dev: Sequence[ConflictExample]) -> dict[str, list[ConflictExample]
     return groups
 
 
+def accuracy_by_format(score: Score, dev: Sequence[ConflictExample],
+                       groups: dict[str, list[ConflictExample]]) -> dict[str, float]:
+    """``score``'s accuracy (its per-row ``correct``, in ``dev``'s order) within each group of :func:`by_format`."""
+    ids = {e.id: i for i, e in enumerate(dev)}
+    return {name: sum(score.correct[ids[e.id]] for e in rows) / len(rows)  # type: ignore[index]
+            for name, rows in groups.items()}
+
+
 def collapse_reason(agree: float, checks: SideChecks, base: SideChecks, min_agreement: float,
                      max_drop: float) -> str:
     reasons = []
@@ -172,12 +180,9 @@ def score_point(model: Any, tokenizer: Any, dev: Sequence[ConflictExample], base
     reasons += [f"{name}: {r}" if len(base.groups) > 1 else r for name, c in checks.items()
                 if (r := collapse_reason(1.0, c, base.checks[name], min_agreement, max_drop))]
     reason = "; ".join(r for r in reasons if r)
-    ids = {e.id: i for i, e in enumerate(dev)}
-    per_format = {name: sum(dev_score.correct[ids[e.id]] for e in rows) / len(rows)  # type: ignore[index]
-                  for name, rows in base.groups.items()}
     return GridPoint(rule=rule, h=h, g=g, beta=beta, dev=dev_score, agreement=agree, kl=kl,
                      checks=_merged(checks, base.groups, overall),
-                     by_format=per_format, collapsed=bool(reason), reason=reason)
+                     by_format=accuracy_by_format(dev_score, dev, base.groups), collapsed=bool(reason), reason=reason)
 
 
 def tune(model: Any, tokenizer: Any, neurons: UnitSet, dev: Sequence[ConflictExample], *,

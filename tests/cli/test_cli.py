@@ -106,7 +106,7 @@ def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
     assert main(["tune", str(recipe), "--h", "1", "2", "--beta", "0", "2", "--min-agreement", "0",
                  "--max-drop", "1"]) == 0
     out = capsys.readouterr().out
-    assert "3 dev rows, rows disjoint from the attribution rows" in out and "signed" in out
+    assert "3 dev rows (sentence), rows disjoint from the attribution rows" in out and "signed" in out
     assert "chosen:" in out and "over 7 rows: every row not in test" in out
     assert json.loads((tmp_path / "ckpt.attribution" / "tune.json").read_text())["overall_rows"] == 7
     # a fit from the grid's choice starts at the units the recipe exports now, and only reports
@@ -118,6 +118,7 @@ def test_split_recipe_export_tune_eval(tmp_path, tiny_llama_dir, capsys):
     chosen = load_recipe(recipe)
     assert fit["steps"][0]["move"] == "start" and len(fit["steps"]) <= 2
     assert out.startswith("original: dev accuracy") and "\nfrom " in out and recipe.read_text() == before
+    assert f"by format {{'sentence': {fit['original']['accuracy']}}} (dev rows in sentence)" in out.splitlines()[0]
     assert fit["steps"][0]["point"]["h"] == chosen.selection.num_neurons  # the grid's h neurons
     assert f"\nfrom {', '.join(fit['steps'][0]['units'])}: dev accuracy" in out
     assert main(["eval", str(recipe), "--methods", "original", "ircan", "erase", "shrink", "--out",

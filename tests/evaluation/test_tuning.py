@@ -187,6 +187,7 @@ def test_fit_factors_gains_rows_under_the_checks_and_restores_weights(tiny_llama
     result = fit_factors(model, tok, pool, dev, factors=(0.0, 20.0, 200.0), max_units=3,
                          min_agreement=0.0, max_drop=1.0)
     accuracies = [result.original.accuracy] + [s.point.dev.accuracy for s in result.steps]
+    assert result.original_by_format == {"sentence": result.original.accuracy}  # rows as loaded: one format
     # every kept unit gains at least one dev row, and passes the checks
     assert all(b >= a + 1 / len(dev) - 1e-9 for a, b in zip(accuracies, accuracies[1:]))
     assert all(not s.point.collapsed for s in result.steps)
