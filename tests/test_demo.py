@@ -156,7 +156,7 @@ def test_demo_refuses_cad_settings_it_does_not_ask(capsys):
 
 
 def test_demo_help_names_every_setting(capsys, monkeypatch):
-    """The --setting help lists the settings by hand (the parser imports no torch): every one."""
+    """The --setting help lists every setting of the table (the parser imports no torch)."""
     import pytest
 
     from ircan_serve.cli import main

@@ -15,6 +15,8 @@ DEFAULT_RECIPES = ("export/smollm2-conflicts.toml", "export/smollm2-counterfact.
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    from ..demo.run import SETTINGS  # the settings table imports no torch
+
     p = sub.add_parser("demo", help=HELP)
     p.add_argument("--recipe", action="append",
                    help="a recipe whose checkpoint (export/out/NAME) is compared on its held-out rows; "
@@ -25,8 +27,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
                         "keeps what it answered)")
     p.add_argument("--setting", dest="settings", nargs="+",
                    default=["retrieved-1", "retrieved-4", "passage-list", "irrelevant"],
-                   help="where contexts come from, one table each (ircan_serve/demo/run.py:SETTINGS: retrieved-1, "
-                        "retrieved-4, passage-list, passage-prose, passage-bullets, irrelevant, chat-retrieved-4)")
+                   help="where contexts come from, one table each (ircan_serve/demo/run.py:SETTINGS: "
+                        f"{', '.join(SETTINGS)})")
     p.add_argument("--limit", type=int, help="ask only the first N held-out questions of each recipe")
     p.add_argument("--cad", type=float, default=0.5, metavar="ALPHA",
                    help="served CAD and IRCAN + CAD with this alpha (two streams; see README); --cad -1: none")

@@ -41,7 +41,7 @@ class FitStep(BaseModel):
     unit: Unit = Field(description="The unit added or changed, with its new factor (1 when dropped).")
     point: GridPoint = Field(description="The dev score and checks with the units chosen so far.")
     tried: int
-    move: Literal["start", "add", "change", "drop"] = Field(
+    move: Literal["start"] | Move = Field(
         "add", description="'start': the units the fit began from; 'change': a chosen unit's factor moved; "
                            "'drop': a chosen unit removed.")
     units: list[str] = Field(default_factory=list, description="Every unit after this step, as a recipe's "
